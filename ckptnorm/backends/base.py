@@ -1,0 +1,42 @@
+"""The backend interface: the few fused primitives every strategy is written in.
+
+A backend streams activation-sized arrays; strategies (``ckptnorm.strategies``) own the per-channel math.
+Arrays are 3-D views in memory order (``layout`` "ncs" = (N, C, S), "nsc" = (N, S, C)); per-channel arrays are
+1-D float64.  A backend never allocates an activation-sized array: outputs are passed in, and may alias inputs
+where a primitive says so.  Backends must be deterministic (same bits on every run).
+"""
+from __future__ import annotations
+
+import abc
+
+LAYOUTS = ("ncs", "nsc")
+
+
+class Backend(abc.ABC):
+    """Fused BatchNorm+activation primitives.  ``act`` is an ``ckptnorm.activations.Activation``."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def channel_stats(self, x, layout):
+        """Return float64 arrays ``(mean, var, xmin, xmax)`` per channel; ``var`` is biased (divides by m)."""
+
+    @abc.abstractmethod
+    def normalize_act(self, x, out, layout, mean, scale, beta, act):
+        """``out = phi((x - mean) * scale + beta)`` elementwise; ``out`` may be ``x`` (in place)."""
+
+    @abc.abstractmethod
+    def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act):
+        """Return ``(sum(dy), sum(dy * xhat))`` with y, xhat recomputed from x and dy = dz * phi'(y)."""
+
+    @abc.abstractmethod
+    def reduce_from_output(self, z, dz, layout, beta, act):
+        """Return ``(sum(dy), sum(dy * (y - beta)))`` with y = phi^-1(z), dy = dz * phi'(y), from z alone."""
+
+    @abc.abstractmethod
+    def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const):
+        """``dx = coef_dy * dy + coef_u * (x - mean) + coef_const`` per channel, dy recomputed from x."""
+
+    @abc.abstractmethod
+    def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const):
+        """``dx = coef_dy * dy + coef_u * (phi^-1(z) - beta) + coef_const`` per channel, from z alone."""

@@ -1,0 +1,57 @@
+"""Numba CPU backend: dispatches the primitives of ``Backend`` to the kernels in ``cpu_kernels``.
+
+Kernels are compiled lazily on first use (one compilation per dtype/layout signature) and cached on disk by
+Numba (``cache=True``), so a second process pays no JIT cost.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Backend
+
+
+def _kernels():
+    # Imported on first use so that ``import ckptnorm`` stays cheap and does not load Numba's compiler.
+    from . import cpu_kernels
+    return cpu_kernels
+
+
+def _per_channel(values):
+    return np.ascontiguousarray(values, dtype=np.float64)
+
+
+class CPUBackend(Backend):
+    name = "cpu"
+
+    def channel_stats(self, x, layout):
+        channels = x.shape[1] if layout == "ncs" else x.shape[2]
+        mean, var, xmin, xmax = (np.empty(channels) for _ in range(4))
+        getattr(_kernels(), "stats_" + layout)(x, mean, var, xmin, xmax)
+        return mean, var, xmin, xmax
+
+    def normalize_act(self, x, out, layout, mean, scale, beta, act):
+        getattr(_kernels(), "normalize_act_" + layout)(
+            x, out, _per_channel(mean), _per_channel(scale), _per_channel(beta), act.kernel_code, act.param)
+
+    def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act):
+        sum_dy, sum_dy_xhat = np.empty(len(mean)), np.empty(len(mean))
+        getattr(_kernels(), "reduce_from_input_" + layout)(
+            x, dz, _per_channel(mean), _per_channel(invstd), _per_channel(scale), _per_channel(beta),
+            act.kernel_code, act.param, sum_dy, sum_dy_xhat)
+        return sum_dy, sum_dy_xhat
+
+    def reduce_from_output(self, z, dz, layout, beta, act):
+        sum_dy, sum_dy_ybeta = np.empty(len(beta)), np.empty(len(beta))
+        getattr(_kernels(), "reduce_from_output_" + layout)(
+            z, dz, _per_channel(beta), act.kernel_code, act.param, sum_dy, sum_dy_ybeta)
+        return sum_dy, sum_dy_ybeta
+
+    def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const):
+        getattr(_kernels(), "dx_from_input_" + layout)(
+            x, dz, dx, _per_channel(mean), _per_channel(scale), _per_channel(beta), act.kernel_code, act.param,
+            _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const))
+
+    def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const):
+        getattr(_kernels(), "dx_from_output_" + layout)(
+            z, dz, dx, _per_channel(beta), act.kernel_code, act.param,
+            _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const))

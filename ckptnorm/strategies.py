@@ -1,0 +1,264 @@
+"""The four strategies behind one interface, and a name-keyed registry with aliases.
+
+Math (one channel, m elements; derivation in ../shared/design/strategies.md):
+
+    forward   mean, var = batch statistics (training) or running ones (eval);  invstd = 1 / sqrt(var + eps)
+              y = gamma * (x - mean) * invstd + beta;  z = phi(y)
+    backward  dy = dz * phi'(y);  dbeta = sum(dy);  dgamma = sum(dy * xhat)
+              dx = gamma * invstd * (dy - dbeta / m - xhat * dgamma / m)         (eval: dx = gamma * invstd * dy)
+    from z    with S = sum(dy * (y - beta)):  dgamma = S / gamma,
+              dx = gamma * invstd * (dy - dbeta / m) - (y - beta) * invstd * S / (gamma * m)
+
+A strategy decides what is kept between forward and backward and which of the two backward paths runs.  It is
+framework-agnostic: arrays are NumPy views handed over by an adapter (``ckptnorm.torch``), and every pass over the
+data goes through a ``Backend``.  The adapter saves exactly the arrays named by ``ForwardPlan.keep``.
+
+Invariants:
+ 1. Running statistics are updated once per forward call, never by a backward or a recompute.
+ 2. No strategy changes the model: all compute z = phi(gamma * xhat + beta) (standard BatchNorm semantics).
+ 3. A strategy that cannot produce an accurate gradient from what it keeps keeps more (``InplaceABN``), never less.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .activations import Activation
+
+
+class PrecisionFallbackWarning(UserWarning):
+    """``inplace_abn`` kept x for one call because z alone would have given an inaccurate gradient."""
+
+
+@dataclass
+class ForwardPlan:
+    """What a forward call computed and what its backward will need (per-channel arrays are float64)."""
+
+    mean: np.ndarray
+    invstd: np.ndarray
+    var: "np.ndarray | None"       # batch variance (training only)
+    count: int                     # m: elements per channel
+    keep: tuple                    # names among "x", "z", "mean", "invstd", in saving order
+    fallback_reason: str = ""      # why inplace_abn keeps x this call ("" when it does not)
+    scale: np.ndarray = field(init=False)
+
+    def set_affine(self, gamma):
+        self.scale = gamma * self.invstd
+
+
+def channel_count(shape, layout) -> int:
+    return int(shape[1] if layout == "ncs" else shape[2])
+
+
+def elements_per_channel(shape, layout) -> int:
+    return int(np.prod(shape)) // channel_count(shape, layout)
+
+
+def batch_statistics(backend, x, layout, eps):
+    """Return (mean, var, invstd, xmin, xmax) of the batch, float64 per channel."""
+    mean, var, xmin, xmax = backend.channel_stats(x, layout)
+    return mean, var, 1.0 / np.sqrt(var + eps), xmin, xmax
+
+
+def update_running_stats(running_mean, running_var, mean, var, count, factor):
+    """In place: running <- (1 - factor) * running + factor * batch, with the unbiased variance (m / (m - 1))."""
+    unbiased = var * (count / (count - 1)) if count > 1 else var
+    running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
+    running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * unbiased
+
+
+def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count):
+    """Reduce then write dx, both recomputing y from x.  Returns (dgamma, dbeta) as float64."""
+    scale = gamma * invstd
+    sum_dy, sum_dy_xhat = backend.reduce_from_input(x, dz, layout, mean, invstd, scale, beta, act)
+    if dx is not None:
+        if training:
+            coef_u = -scale * invstd * sum_dy_xhat / count
+            coef_const = -scale * sum_dy / count
+        else:
+            coef_u = coef_const = np.zeros_like(scale)
+        backend.dx_from_input(x, dz, dx, layout, mean, scale, beta, act, scale, coef_u, coef_const)
+    return sum_dy_xhat, sum_dy
+
+
+def backward_from_output(backend, z, dz, dx, layout, invstd, gamma, beta, act, training, count):
+    """Reduce then write dx from z alone (y = phi^-1(z), no xhat).  Returns (dgamma, dbeta) as float64."""
+    sum_dy, sum_dy_ybeta = backend.reduce_from_output(z, dz, layout, beta, act)
+    if dx is not None:
+        scale = gamma * invstd
+        if training:
+            coef_u = -invstd * sum_dy_ybeta / (gamma * count)
+            coef_const = -scale * sum_dy / count
+        else:
+            coef_u = coef_const = np.zeros_like(scale)
+        backend.dx_from_output(z, dz, dx, layout, beta, act, scale, coef_u, coef_const)
+    return sum_dy_ybeta / gamma, sum_dy
+
+
+class Strategy:
+    """Base class: declares what is kept and recomputed, and runs the backward that matches."""
+
+    name: str = ""
+    keeps: tuple = ()                  # kept between forward and backward (activation-sized first)
+    recomputes: tuple = ()             # recomputed in backward
+    requires_invertible: bool = False  # needs phi^-1 (z alone must determine y)
+    may_overwrite_input: bool = False  # inplace=True writes z over x
+    rematerializes_output: bool = False  # consumers of z keep a recipe (x + stats) instead of z
+
+    def check_activation(self, act: Activation) -> None:
+        if self.requires_invertible and not act.invertible:
+            raise ValueError(
+                f"ckptnorm: strategy {self.name!r} needs an invertible activation, got {act.describe()}; tip: use "
+                "identity, leaky_relu with slope > 0 or elu with alpha > 0, or strategy='efficient_checkpoint'")
+
+    def plan(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var):
+        """Compute the statistics for this call and decide what to keep.  Does not touch running stats."""
+        count = elements_per_channel(x.shape, layout)
+        xmin = xmax = None
+        if training:
+            mean, var, invstd, xmin, xmax = batch_statistics(backend, x, layout, eps)
+        else:
+            mean = np.asarray(running_mean, dtype=np.float64).copy()
+            var = None
+            invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+        keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax)
+        plan = ForwardPlan(mean, invstd, var, count, keep, reason)
+        plan.set_affine(gamma)
+        return plan
+
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax):
+        return self.keeps, ""
+
+    def backward(self, backend, saved, dz, dx, layout, gamma, beta, act, training, eps, count):
+        """``saved`` maps the names in ``plan.keep`` to arrays.  Writes dx (if not None); returns (dgamma, dbeta)."""
+        if "z" in saved and "x" not in saved:
+            return backward_from_output(backend, saved["z"], dz, dx, layout, saved["invstd"], gamma, beta, act,
+                                        training, count)
+        x = saved["x"]
+        if "mean" in saved:
+            mean, invstd = saved["mean"], saved["invstd"]
+        else:  # checkpoint: recompute the statistics (a full reduction pass over x)
+            mean, _, invstd, _, _ = batch_statistics(backend, x, layout, eps)
+        return backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Standard(Strategy):
+    """What PyTorch does: BN keeps x, the activation keeps its output z (and y when not in place)."""
+
+    name = "standard"
+    keeps = ("x", "z", "mean", "invstd")
+    recomputes = ()
+
+
+class Checkpoint(Strategy):
+    """Naive recompute (torch.utils.checkpoint style): keep x only; recompute statistics, y and z in backward."""
+
+    name = "checkpoint"
+    keeps = ("x",)
+    recomputes = ("mean", "var", "y", "z")
+    rematerializes_output = True
+
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax):
+        # Eval mode has no batch statistics to recompute; the running ones are per-channel, so keep them.
+        return (("x",) if training else ("x", "mean", "invstd")), ""
+
+
+class EfficientCheckpoint(Strategy):
+    """Keep x plus per-channel mean and 1/sigma; recompute only the elementwise y and z (paper, section 3)."""
+
+    name = "efficient_checkpoint"
+    keeps = ("x", "mean", "invstd")
+    recomputes = ("y", "z")
+    rematerializes_output = True
+
+
+class InplaceABN(Strategy):
+    """In-Place Activated BatchNorm: keep z (optionally written over x) and 1/sigma; backward inverts phi.
+
+    Precision fallback.  z carries y rounded to the storage dtype (unit roundoff u), so y - beta, and with it
+    xhat = (y - beta) / gamma, has an error of about u * (|xhat| + |beta / gamma|): dgamma = S / gamma loses
+    log2(1 + |beta / gamma|) bits.  For ELU, y = log1p(z / alpha) amplifies z's rounding by exp(-y).  We accept a
+    loss of at most ``MAX_LOST_BITS`` = 5 bits (error <= 32 u, below the accumulation error of an fp32 reduction
+    over a few thousand elements); a call where some channel would lose more -- |gamma| < |beta| / 31, gamma = 0,
+    or with ELU a pre-activation below -ln(32) = -3.47 -- keeps x too (as efficient_checkpoint does), for that
+    call only, and warns with ``PrecisionFallbackWarning``.
+    """
+
+    name = "inplace_abn"
+    keeps = ("z", "invstd")
+    recomputes = ("y = phi^-1(z)",)
+    requires_invertible = True
+    may_overwrite_input = True
+    MAX_LOST_BITS = 5
+
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax):
+        reason = self.fallback_reason(backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax)
+        if reason:
+            warnings.warn(f"ckptnorm: inplace_abn keeps x for this call: {reason}", PrecisionFallbackWarning,
+                          stacklevel=4)
+            return ("x", "mean", "invstd"), reason
+        return self.keeps, ""
+
+    def fallback_reason(self, backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax) -> str:
+        budget = 2.0 ** self.MAX_LOST_BITS
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.abs(beta) / np.abs(gamma)
+        bad = ~(np.abs(gamma) > 0) | ~np.isfinite(gamma) | (ratio + 1.0 > budget)
+        if bad.any():
+            c = int(np.flatnonzero(bad)[0])
+            return (f"channel {c} has gamma={gamma[c]:.3g}, beta={beta[c]:.3g}; dgamma = S / gamma would lose more "
+                    f"than {self.MAX_LOST_BITS} bits")
+        if act.name == "elu":
+            if xmin is None:  # eval mode: the range of x is needed for this check only
+                _, _, xmin, xmax = backend.channel_stats(x, layout)
+            lo = np.minimum(gamma * (xmin - mean) * invstd, gamma * (xmax - mean) * invstd) + beta
+            floor = -math.log(budget)
+            if (lo < floor).any():
+                c = int(np.argmin(lo))
+                return (f"channel {c} reaches pre-activation {lo[c]:.3g} < {floor:.3g}, where ELU's inverse "
+                        "amplifies rounding by more than 32x")
+        return ""
+
+
+# -- registry -------------------------------------------------------------------------------------------------------
+_REGISTRY: dict = {}
+_ALIASES: dict = {}
+
+
+def register_strategy(cls, aliases=()):
+    """Register a ``Strategy`` subclass under its ``name`` and ``aliases``; returns the class (usable as decorator)."""
+    instance = cls()
+    _REGISTRY[cls.name] = instance
+    for alias in aliases:
+        _ALIASES[alias] = cls.name
+    return cls
+
+
+register_strategy(Standard, aliases=("std", "native", "baseline", "none"))
+register_strategy(Checkpoint, aliases=("ckpt", "recompute", "naive_checkpoint"))
+register_strategy(EfficientCheckpoint, aliases=("efficient", "eff_ckpt", "efficient_ckpt"))
+register_strategy(InplaceABN, aliases=("inplace", "iabn", "in_place_abn", "inplaceabn"))
+
+STRATEGY_NAMES = tuple(_REGISTRY)
+
+
+def get_strategy(spec) -> Strategy:
+    """Return the registered strategy for a name or alias, a ``Strategy`` subclass, or an instance."""
+    if isinstance(spec, Strategy):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Strategy):
+        return _REGISTRY.get(spec.name) or spec()
+    if isinstance(spec, str):
+        key = spec.strip().lower().replace("-", "_")
+        key = _ALIASES.get(key, key)
+        if key in _REGISTRY:
+            return _REGISTRY[key]
+        raise ValueError(f"ckptnorm: unknown strategy {spec!r}; tip: use one of {', '.join(STRATEGY_NAMES)}")
+    raise TypeError(f"ckptnorm: a strategy is a name, a Strategy class or instance, got {type(spec).__name__}; "
+                    f"tip: use one of {', '.join(STRATEGY_NAMES)}")

@@ -1,0 +1,179 @@
+"""``batch_norm_act``: the functional PyTorch entry point, and the autograd Function behind the kernel strategies.
+
+``standard`` runs PyTorch's native ops (the baseline).  The other strategies run one autograd Function that
+hands NumPy views to the strategy (``ckptnorm.strategies``) and saves exactly what the strategy's plan keeps.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ..activations import get_activation
+from ..backends import get_backend
+from ..strategies import get_strategy, update_running_stats
+from . import _arrays, _recompute
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward on this thread (e.g. torch.utils.checkpoint recomputing a forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Config:
+    """Per-call constants, passed to the Function as one non-tensor argument."""
+
+    __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats", "backend")
+
+    def __init__(self, **kw):
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, cfg):
+        layout = _arrays.layout_of(x)
+        channels = x.shape[1]
+        gamma = _arrays.channel_values(weight, channels, 1.0)
+        beta = _arrays.channel_values(bias, channels, 0.0)
+        x_arr = _arrays.activation_view(x, layout)
+        plan = cfg.strategy.plan(cfg.backend, x_arr, layout, gamma, beta, cfg.act, cfg.training, cfg.eps,
+                                 None if running_mean is None else running_mean.detach().cpu().numpy(),
+                                 None if running_var is None else running_var.detach().cpu().numpy())
+        if cfg.training and cfg.update_stats and running_mean is not None:
+            rm64, rv64 = running_mean.to(torch.float64), running_var.to(torch.float64)
+            update_running_stats(rm64.numpy(), rv64.numpy(), plan.mean, plan.var, plan.count, cfg.momentum)
+            with torch.no_grad():
+                running_mean.copy_(rm64)
+                running_var.copy_(rv64)
+        # inplace_abn falling back to keeping x while writing z over it: keep a copy of x (invariant 3).
+        x_kept = x.clone() if (cfg.inplace and "x" in plan.keep) else x
+        out = x if cfg.inplace else torch.empty_like(x)
+        cfg.backend.normalize_act(x_arr, _arrays.activation_view(out, layout), layout, plan.mean, plan.scale,
+                                  beta, cfg.act)
+        if cfg.inplace:
+            ctx.mark_dirty(x)
+        kept = {"x": x_kept, "z": out,
+                "mean": _arrays.channel_tensor(plan.mean), "invstd": _arrays.channel_tensor(plan.invstd)}
+        ctx.save_for_backward(*(kept[name] for name in plan.keep))
+        ctx.keep, ctx.cfg, ctx.layout, ctx.count = plan.keep, cfg, layout, plan.count
+        ctx.gamma, ctx.beta = gamma, beta
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.plan = plan if cfg.strategy.rematerializes_output else None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dz):
+        cfg, layout = ctx.cfg, ctx.layout
+        saved = dict(zip(ctx.keep, ctx.saved_tensors))
+        ref = saved["x"] if "x" in saved else saved["z"]
+        arrays = {name: (_arrays.activation_view(t, layout) if name in ("x", "z") else _arrays.channel_array(t))
+                  for name, t in saved.items()}
+        dx = torch.empty_like(ref) if ctx.needs_input_grad[0] else None
+        dgamma, dbeta = cfg.strategy.backward(
+            cfg.backend, arrays, _arrays.gradient_view(dz, layout),
+            None if dx is None else _arrays.activation_view(dx, layout),
+            layout, ctx.gamma, ctx.beta, cfg.act, cfg.training, cfg.eps, ctx.count)
+        w_dtype, b_dtype = ctx.param_dtypes
+        grad_w = torch.from_numpy(dgamma).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = torch.from_numpy(dbeta).to(b_dtype) if ctx.needs_input_grad[2] else None
+        return dx, grad_w, grad_b, None, None, None
+
+
+def _native_activation(y, act):
+    # In place on BN's fresh output where autograd can differentiate it from the result (saves keeping y).
+    if act.name == "identity":
+        return y
+    if act.name == "leaky_relu":
+        return F.leaky_relu(y, act.param, inplace=act.param > 0)
+    if act.name == "elu":
+        return F.elu(y, act.param, inplace=act.param > 0)
+    if act.name == "relu":
+        return F.relu(y, inplace=True)
+    if act.name == "silu":
+        return F.silu(y)
+    return F.gelu(y)
+
+
+def _validate(x, running_mean, running_var, weight, bias, training, eps, strategy, inplace):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"ckptnorm: input must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point()):
+        raise TypeError(f"ckptnorm: BatchNorm needs a floating-point input, got {x.dtype}; tip: convert it with "
+                        "x.float()")
+    if x.dim() < 2:
+        raise ValueError(f"ckptnorm: expected an input of shape (N, C, ...), got {x.dim()}-D; tip: add a batch "
+                         "dimension")
+    if not eps > 0:
+        raise ValueError(f"ckptnorm: eps must be positive, got {eps}; tip: use the default 1e-5")
+    channels = x.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"ckptnorm: input has {channels} channels but {name} has shape {tuple(t.shape)}; tip: "
+                             "num_features must equal x.shape[1]")
+        if t.device != x.device:
+            raise ValueError(f"ckptnorm: {name} is on {t.device} but the input is on {x.device}; tip: move the "
+                             "module with .to(x.device)")
+        if t.dtype != x.dtype:
+            raise TypeError(f"ckptnorm: {name} is {t.dtype} but the input is {x.dtype}; tip: convert the module "
+                            "with .to(x.dtype)")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("ckptnorm: pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError("ckptnorm: eval mode (training=False) needs running statistics; tip: pass running_mean and "
+                         "running_var, or training=True")
+    if training and x.numel() // max(channels, 1) <= 1:
+        raise ValueError(f"ckptnorm: expected more than 1 value per channel when training, got input size "
+                         f"{tuple(x.shape)}; tip: use a batch larger than 1, or eval mode")
+    if inplace:
+        if not strategy.may_overwrite_input:
+            raise ValueError(f"ckptnorm: inplace=True is only meaningful with strategy='inplace_abn', got "
+                             f"{strategy.name!r}; tip: drop inplace=True")
+        if x.is_leaf and x.requires_grad:
+            raise RuntimeError("ckptnorm: inplace=True would overwrite a leaf tensor that requires grad; tip: use "
+                               "inplace=False, or pass a non-leaf (e.g. the output of the previous layer)")
+
+
+@torch.compiler.disable
+def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+                   activation="identity", activation_param=None, strategy="efficient_checkpoint", inplace=False):
+    """BatchNorm followed by an activation, with the memory strategy ``strategy``.
+
+    Arguments follow ``torch.nn.functional.batch_norm`` (``momentum`` is the running-average factor used for this
+    call), plus ``activation`` (a name or ``ckptnorm.Activation``), its ``activation_param`` (leaky slope, ELU
+    alpha), ``strategy`` (name, class or instance) and ``inplace`` (``inplace_abn`` only: write z over x).
+    """
+    strat = get_strategy(strategy)
+    act = get_activation(activation, activation_param)
+    strat.check_activation(act)
+    _validate(x, running_mean, running_var, weight, bias, training, eps, strat, inplace)
+    recomputing = in_backward()
+    if strat.name == "standard":
+        keep_stats = running_mean is not None and not (training and recomputing)
+        y = F.batch_norm(x, running_mean if keep_stats else None, running_var if keep_stats else None, weight, bias,
+                         training or running_mean is None, momentum, eps)
+        return _native_activation(y, act)
+    if x.device.type != "cpu":
+        raise NotImplementedError(f"ckptnorm: strategy {strat.name!r} has no CUDA backend yet; tip: use "
+                                  "strategy='standard' for CUDA tensors until it lands")
+    if x.dtype not in _arrays.SUPPORTED_DTYPES:
+        raise TypeError(f"ckptnorm: {x.dtype} inputs are not supported yet (float32 and float64 are); tip: use "
+                        "float32, or strategy='standard'")
+    if _arrays.layout_of(x) is None:
+        if inplace:
+            raise ValueError("ckptnorm: inplace=True needs an NCHW-contiguous or channels_last input; tip: call "
+                             ".contiguous() first, or use inplace=False")
+        x = x.contiguous()  # arbitrary strides: one copy, then the NCHW kernels
+    _recompute.release_hooks_if_idle()
+    cfg = _Config(strategy=strat, act=act, training=training, momentum=momentum, eps=eps, inplace=inplace,
+                  update_stats=not recomputing, backend=get_backend("cpu"))
+    z = BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, cfg)
+    if strat.rematerializes_output and z.requires_grad:
+        node = z.grad_fn  # the Function's ctx: holds the layout, plan and beta of this call
+        _recompute.register(z, _recompute.Recipe(z, x, node.layout, cfg, node.plan, node.beta))
+    return z

@@ -1,0 +1,95 @@
+"""Drop-in modules for ``nn.BatchNorm*d`` followed by an activation.
+
+Same constructor arguments, parameters, buffers and state_dict keys as ``nn.BatchNorm*d`` (a plain BN state_dict
+loads with ``strict=True``), plus ``activation``, ``activation_param``, ``strategy`` and ``inplace``.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..activations import get_activation
+from ..strategies import get_strategy
+from .function import batch_norm_act, in_backward
+
+
+class _BatchNormAct(_BatchNorm):
+    _expected_dims: tuple = ()
+    _shape_hint = ""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
+                 dtype=None, *, bias=True, activation="leaky_relu", activation_param=0.01,
+                 strategy="efficient_checkpoint", inplace=False):
+        if not eps > 0:
+            raise ValueError(f"ckptnorm: eps must be positive, got {eps}; tip: use the default 1e-5")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if affine and not bias:
+            del self.bias
+            self.register_parameter("bias", None)
+        act = get_activation(activation, activation_param)
+        strat = get_strategy(strategy)
+        strat.check_activation(act)
+        if inplace and not strat.may_overwrite_input:
+            raise ValueError(f"ckptnorm: inplace=True is only meaningful with strategy='inplace_abn', got "
+                             f"{strat.name!r}; tip: drop inplace=True")
+        self.activation = act.name
+        self.activation_param = act.param
+        self.strategy = strat.name
+        self.inplace = inplace
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            torch.nn.init.ones_(self.weight)
+            if self.bias is not None:
+                torch.nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input):
+        if input.dim() not in self._expected_dims:
+            raise ValueError(f"ckptnorm: {type(self).__name__} expects a {self._shape_hint} input, got a "
+                             f"{input.dim()}-D input; tip: use BatchNormAct1d for (N, C) or (N, C, L), "
+                             "BatchNormAct2d for (N, C, H, W), BatchNormAct3d for (N, C, D, H, W)")
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        # A forward re-run by autograd (torch.utils.checkpoint) must not count the batch twice.
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None \
+                and not in_backward():
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return batch_norm_act(input, self.running_mean if track else None, self.running_var if track else None,
+                              self.weight, self.bias, use_batch_stats, factor, self.eps, self.activation,
+                              self.activation_param, self.strategy, self.inplace)
+
+    def extra_repr(self):
+        act = get_activation(self.activation, self.activation_param).describe()
+        extra = f", activation={act}, strategy={self.strategy}"
+        if self.affine and self.bias is None:
+            extra += ", bias=False"
+        if self.inplace:
+            extra += ", inplace=True"
+        return super().extra_repr() + extra
+
+
+class BatchNormAct1d(_BatchNormAct):
+    """``nn.BatchNorm1d`` + activation, for (N, C) or (N, C, L) inputs."""
+
+    _expected_dims = (2, 3)
+    _shape_hint = "2-D (N, C) or 3-D (N, C, L)"
+
+
+class BatchNormAct2d(_BatchNormAct):
+    """``nn.BatchNorm2d`` + activation, for (N, C, H, W) inputs (NCHW or channels_last)."""
+
+    _expected_dims = (4,)
+    _shape_hint = "4-D (N, C, H, W)"
+
+
+class BatchNormAct3d(_BatchNormAct):
+    """``nn.BatchNorm3d`` + activation, for (N, C, D, H, W) inputs (NCDHW or channels_last_3d)."""
+
+    _expected_dims = (5,)
+    _shape_hint = "5-D (N, C, D, H, W)"
