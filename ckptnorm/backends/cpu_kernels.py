@@ -31,9 +31,11 @@ from numba import njit, prange
 
 from ..activations import ELU, GELU, IDENTITY, LEAKY_RELU, RELU, SILU
 
-# Rows per chunk of a channels-last reduction: large enough to amortize the partial-sum rows, small enough that
-# 2 threads get several chunks at the shapes we care about.
-NSC_ROWS_PER_CHUNK = 256
+# Channels-last reductions split the N*S rows into fixed chunks, each summed by one thread into a row of partials.
+# At least NSC_MIN_ROWS_PER_CHUNK rows per chunk (amortizes the partials), at most NSC_MAX_CHUNKS chunks (bounds
+# the partials to NSC_MAX_CHUNKS x C floats, whatever the batch size).  Depends on the shape only: deterministic.
+NSC_MIN_ROWS_PER_CHUNK = 256
+NSC_MAX_CHUNKS = 512
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # ELU inverse: a z rounded onto -alpha would give log1p(-1) = -inf; clamp to a finite y (phi' is ~0 there).
@@ -92,6 +94,12 @@ def act_grad_from_output(z, kind, p):
     return 1.0
 
 
+@njit(inline="always", **_jit)
+def _chunking(rows):
+    n_chunks = min(max((rows + NSC_MIN_ROWS_PER_CHUNK - 1) // NSC_MIN_ROWS_PER_CHUNK, 1), NSC_MAX_CHUNKS)
+    return n_chunks, (rows + n_chunks - 1) // n_chunks
+
+
 # -- per-channel statistics ---------------------------------------------------------------------------------------
 # One pass, float64 sums of (x - shift) and (x - shift)^2 with shift = first element of the channel: the shift
 # removes the cancellation of E[x^2] - E[x]^2 when |mean| >> std.  min/max are kept for inplace_abn's ELU check.
@@ -107,23 +115,24 @@ def stats_ncs(x, mean, var, xmin, xmax):
         hi = -np.inf
         for n in range(n_batch):
             for s in range(spatial):
-                v = np.float64(x[n, c, s]) - shift
+                raw = np.float64(x[n, c, s])
+                v = raw - shift
                 s1 += v
                 s2 += v * v
-                lo = min(lo, v)
-                hi = max(hi, v)
+                lo = min(lo, raw)
+                hi = max(hi, raw)
         d = s1 / count
         mean[c] = shift + d
         var[c] = max(s2 / count - d * d, 0.0)
-        xmin[c] = shift + lo
-        xmax[c] = shift + hi
+        xmin[c] = lo
+        xmax[c] = hi
 
 
 @njit(parallel=True, **_jit)
 def stats_nsc(x, mean, var, xmin, xmax):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
-    n_chunks = (rows + NSC_ROWS_PER_CHUNK - 1) // NSC_ROWS_PER_CHUNK
+    n_chunks, per_chunk = _chunking(rows)
     part = np.zeros((n_chunks, 4, channels))
     shift = np.empty(channels)
     for c in range(channels):
@@ -133,15 +142,16 @@ def stats_nsc(x, mean, var, xmin, xmax):
         for c in range(channels):
             acc[2, c] = np.inf
             acc[3, c] = -np.inf
-        for r in range(k * NSC_ROWS_PER_CHUNK, min(rows, (k + 1) * NSC_ROWS_PER_CHUNK)):
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                v = np.float64(x[n, s, c]) - shift[c]
+                raw = np.float64(x[n, s, c])
+                v = raw - shift[c]
                 acc[0, c] += v
                 acc[1, c] += v * v
-                acc[2, c] = min(acc[2, c], v)
-                acc[3, c] = max(acc[3, c], v)
+                acc[2, c] = min(acc[2, c], raw)
+                acc[3, c] = max(acc[3, c], raw)
     for c in range(channels):
         s1 = 0.0
         s2 = 0.0
@@ -155,8 +165,8 @@ def stats_nsc(x, mean, var, xmin, xmax):
         d = s1 / rows
         mean[c] = shift[c] + d
         var[c] = max(s2 / rows - d * d, 0.0)
-        xmin[c] = shift[c] + lo
-        xmax[c] = shift[c] + hi
+        xmin[c] = lo
+        xmax[c] = hi
 
 
 # -- normalize + activation (out may be x itself: each element is read before it is written) ---------------------
@@ -203,11 +213,11 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
 def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
-    n_chunks = (rows + NSC_ROWS_PER_CHUNK - 1) // NSC_ROWS_PER_CHUNK
+    n_chunks, per_chunk = _chunking(rows)
     part = np.zeros((n_chunks, 2, channels))
     for k in prange(n_chunks):
         acc = part[k]
-        for r in range(k * NSC_ROWS_PER_CHUNK, min(rows, (k + 1) * NSC_ROWS_PER_CHUNK)):
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
@@ -240,11 +250,11 @@ def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
 def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
     n_batch, spatial, channels = z.shape
     rows = n_batch * spatial
-    n_chunks = (rows + NSC_ROWS_PER_CHUNK - 1) // NSC_ROWS_PER_CHUNK
+    n_chunks, per_chunk = _chunking(rows)
     part = np.zeros((n_chunks, 2, channels))
     for k in prange(n_chunks):
         acc = part[k]
-        for r in range(k * NSC_ROWS_PER_CHUNK, min(rows, (k + 1) * NSC_ROWS_PER_CHUNK)):
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):

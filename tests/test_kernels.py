@@ -1,0 +1,152 @@
+"""The CPU backend's primitives against plain float64 NumPy, plus strides, determinism and allocations."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ckptnorm import get_activation
+from ckptnorm.backends import get_backend
+from ckptnorm.torch import BatchNormAct2d, batch_norm_act
+
+BACKEND = get_backend("cpu")
+ACTS = [get_activation(n, p) for n, p in [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0), ("relu", None),
+                                          ("silu", None), ("gelu", None)]]
+# (N, C, S): rows = N*S around the channels-last chunk size (256) and channel counts around vector widths
+SHAPES = [(1, 3, 2), (2, 1, 7), (3, 5, 85), (1, 17, 256), (2, 16, 257), (4, 15, 150)]
+
+
+def to_layout(a_ncs, layout):
+    """Memory-order view for the layout ("nsc" is an (N, S, C)-contiguous copy)."""
+    return np.ascontiguousarray(a_ncs) if layout == "ncs" else np.ascontiguousarray(a_ncs.transpose(0, 2, 1))
+
+
+def to_ncs(a, layout):
+    return a if layout == "ncs" else a.transpose(0, 2, 1)
+
+
+def make(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dz = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    mean, invstd = rng.standard_normal(c), rng.uniform(0.5, 2, c)
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c)
+    return x, dz, mean, invstd, gamma, beta
+
+
+def tol(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_channel_stats(shape, dtype, layout):
+    x, *_ = make(shape, dtype)
+    mean, var, lo, hi = BACKEND.channel_stats(to_layout(x, layout), layout)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(mean, x64.mean(axis=(0, 2)), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(var, x64.var(axis=(0, 2)), rtol=1e-11, atol=1e-13)
+    np.testing.assert_array_equal(lo, x64.min(axis=(0, 2)))
+    np.testing.assert_array_equal(hi, x64.max(axis=(0, 2)))
+
+
+def test_channel_stats_large_mean_no_cancellation():
+    x = (1e4 + np.random.default_rng(0).standard_normal((4, 2, 1000))).astype(np.float32)
+    _, var, _, _ = BACKEND.channel_stats(x, "ncs")
+    np.testing.assert_allclose(var, x.astype(np.float64).var(axis=(0, 2)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES[2:5])
+def test_elementwise_and_reductions(shape, dtype, layout, act):
+    x, dz, mean, invstd, gamma, beta = make(shape, dtype, seed=1)
+    scale = gamma * invstd
+    bc = lambda v: v[None, :, None]  # noqa: E731 (per-channel broadcast in NCS)
+    x64, dz64 = x.astype(np.float64), dz.astype(np.float64)
+    u = x64 - bc(mean)
+    y = u * bc(scale) + bc(beta)
+    z_ref = act.forward(y)
+    dy = dz64 * act.derivative(y)
+    xl, dzl = to_layout(x, layout), to_layout(dz, layout)
+
+    out = np.empty_like(xl)
+    BACKEND.normalize_act(xl, out, layout, mean, scale, beta, act)
+    np.testing.assert_allclose(to_ncs(out, layout), z_ref, **tol(dtype))
+    inplace = xl.copy()
+    BACKEND.normalize_act(inplace, inplace, layout, mean, scale, beta, act)  # output aliases input
+    np.testing.assert_array_equal(inplace, out)
+
+    s_dy, s_dyx = BACKEND.reduce_from_input(xl, dzl, layout, mean, invstd, scale, beta, act)
+    np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(s_dyx, (dy * u * bc(invstd)).sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+
+    k_dy, k_u, k_0 = np.linspace(0.5, 1.5, shape[1]), np.linspace(-0.1, 0.1, shape[1]), np.linspace(-1, 1, shape[1])
+    dx = np.empty_like(xl)
+    BACKEND.dx_from_input(xl, dzl, dx, layout, mean, scale, beta, act, k_dy, k_u, k_0)
+    np.testing.assert_allclose(to_ncs(dx, layout), bc(k_dy) * dy + bc(k_u) * u + bc(k_0), **tol(dtype))
+
+    if act.invertible:
+        zl = to_layout(z_ref.astype(np.float64), layout)  # z in float64: isolates the kernel from z's rounding
+        s_dy, s_dyy = BACKEND.reduce_from_output(zl, dzl, layout, beta, act)
+        np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(s_dyy, (dy * (y - bc(beta))).sum(axis=(0, 2)), rtol=1e-8, atol=1e-8)
+        dx = np.empty(zl.shape, dtype)
+        BACKEND.dx_from_output(zl, dzl, dx, layout, beta, act, k_dy, k_u, k_0)
+        want = bc(k_dy) * dy + bc(k_u) * (y - bc(beta)) + bc(k_0)
+        np.testing.assert_allclose(to_ncs(dx, layout), want, **tol(dtype))
+
+
+def test_reductions_are_bitwise_deterministic():
+    rng = np.random.default_rng(3)
+    for layout, shape in (("ncs", (8, 16, 4096)), ("nsc", (8, 4096, 16))):
+        x = rng.standard_normal(shape).astype(np.float32)
+        dz = rng.standard_normal(shape).astype(np.float32)
+        c = 16
+        args = (np.zeros(c), np.ones(c), np.ones(c), np.zeros(c), get_activation("leaky_relu"))
+        first = BACKEND.channel_stats(x, layout) + BACKEND.reduce_from_input(x, dz, layout, *args)
+        for _ in range(3):
+            again = BACKEND.channel_stats(x, layout) + BACKEND.reduce_from_input(x, dz, layout, *args)
+            for a, b in zip(first, again):
+                assert a.tobytes() == b.tobytes()
+
+
+# -- gradients with unusual strides, through the PyTorch adapter ----------------------------------------------------
+@pytest.mark.parametrize("strategy", ["checkpoint", "efficient_checkpoint", "inplace_abn"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_gradients(strategy, channels_last):
+    """A stride-0 gradient (from .sum()), an expanded one (from a spatial mean) and a permuted one."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.rand(4, dtype=torch.float64) - 0.5
+    losses = [lambda z: z.sum(), lambda z: z.mean(dim=(2, 3)).square().sum(),
+              lambda z: (z.transpose(2, 3) * torch.arange(30.0, dtype=torch.float64).view(5, 6).T).sum()]
+    for loss in losses:
+        grads = []
+        for strat in ("standard", strategy):
+            xi = x.clone().requires_grad_()
+            wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
+            loss(batch_norm_act(xi, None, None, wi, bi, True, 0.1, 1e-5, "leaky_relu", 0.1, strat)).backward()
+            grads.append((xi.grad, wi.grad, bi.grad))
+        for got, want in zip(*grads[::-1]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "efficient_checkpoint", "inplace_abn"])
+def test_backward_allocates_only_dx(strategy):
+    """Backward allocates one activation-sized tensor (dx); everything else it allocates is per-channel."""
+    x = torch.randn(4, 32, 32, 32, requires_grad=True)
+    layer = BatchNormAct2d(32, strategy=strategy)
+    z = layer(x)  # a leaf input: its gradient is dx itself, no copy
+    dz = torch.randn_like(z)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        z.backward(dz)
+    # allocations of leaf ops only (a parent event repeats its children's allocations)
+    sizes = [e.cpu_memory_usage for e in prof.events() if not e.cpu_children and e.cpu_memory_usage > 0]
+    big = [s for s in sizes if s >= x.numel() * x.element_size() // 8]
+    assert big == [x.numel() * x.element_size()], sizes
