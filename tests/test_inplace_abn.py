@@ -1,0 +1,120 @@
+"""inplace_abn specifics: writing over x, and the precision fallback that keeps x instead of a wrong gradient."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ckptnorm import PrecisionFallbackWarning, get_activation, reference
+from ckptnorm.strategies import InplaceABN
+from ckptnorm.torch import BatchNormAct2d, SavedTensorsCounter
+
+
+def make_layer(gamma, beta, activation="leaky_relu", param=0.01, inplace=False, dtype=torch.float32):
+    layer = BatchNormAct2d(len(gamma), strategy="inplace_abn", activation=activation, activation_param=param,
+                           inplace=inplace, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(gamma))
+        layer.bias.copy_(torch.as_tensor(beta))
+    return layer
+
+
+def run(layer, x, dz):
+    """Forward + backward on a non-leaf copy of x; returns z, dx, dgamma, dbeta, the input tensor, saved bytes."""
+    leaf = x.clone().requires_grad_()
+    inp = leaf * 1
+    with SavedTensorsCounter(exclude=[layer, leaf]) as counter:
+        z = layer(inp)
+    z.backward(dz)
+    return z, leaf.grad, layer.weight.grad, layer.bias.grad, inp, counter.saved_bytes
+
+
+def reference_grads(x, dz, gamma, beta, activation="leaky_relu", param=0.01):
+    fwd = reference.forward(x.double().numpy(), None, None, np.asarray(gamma, float), np.asarray(beta, float),
+                            activation=activation, activation_param=param)
+    return fwd.z, reference.backward(dz.double().numpy(), fwd, np.asarray(gamma, float), np.asarray(beta, float),
+                                     activation=activation, activation_param=param)
+
+
+def rel(a, b):
+    a = a.detach().double().numpy() if isinstance(a, torch.Tensor) else a
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_inplace_true_overwrites_x_and_keeps_only_z():
+    g = torch.Generator().manual_seed(0)
+    x, dz = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    gamma, beta = [1.0, 0.7, -1.2], [0.1, -0.3, 0.2]
+    z_out, dx_out, dg_out, db_out, inp_out, bytes_out = run(make_layer(gamma, beta, inplace=False), x, dz)
+    z_in, dx_in, dg_in, db_in, inp_in, bytes_in = run(make_layer(gamma, beta, inplace=True), x, dz)
+    assert z_in.data_ptr() == inp_in.data_ptr()  # written over x
+    assert z_out.data_ptr() != inp_out.data_ptr()
+    torch.testing.assert_close(inp_in, z_in)
+    for a, b in ((z_in, z_out), (dx_in, dx_out), (dg_in, dg_out), (db_in, db_out)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # same kernels, same order: same bits
+    assert bytes_in == bytes_out == x.numel() * 4 + 3 * 8  # z + float64 1/sigma
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("gamma0", [0.0, 1e-4])
+def test_small_gamma_falls_back_to_keeping_x(gamma0, inplace):
+    g = torch.Generator().manual_seed(1)
+    x, dz = torch.randn(8, 3, 6, 6, generator=g) + 2.0, torch.randn(8, 3, 6, 6, generator=g)
+    gamma, beta = [gamma0, 1.0, 0.8], [0.5, 0.1, -0.2]
+    with pytest.warns(PrecisionFallbackWarning, match="ckptnorm: inplace_abn keeps x for this call: channel 0"):
+        z, dx, dgamma, dbeta, inp, saved = run(make_layer(gamma, beta, inplace=inplace), x, dz)
+    z_ref, (dx_ref, dg_ref, db_ref) = reference_grads(x, dz, gamma, beta)
+    assert rel(z, z_ref) < 1e-6 and rel(dx, dx_ref) < 1e-5
+    assert rel(dgamma, dg_ref) < 1e-5 and rel(dbeta, db_ref) < 1e-5
+    assert torch.isfinite(dgamma).all()
+    assert saved == x.numel() * 4 + 2 * 3 * 8  # x (a copy when inplace) + float64 mean and 1/sigma
+    if inplace:
+        torch.testing.assert_close(inp, z)
+
+
+def test_fallback_threshold_is_needed():
+    """What the fallback prevents: from fp32 z, dgamma of a channel with |beta/gamma| = 500 is far off."""
+    g = torch.Generator().manual_seed(2)
+    x, dz = torch.randn(16, 2, 8, 8, generator=g), torch.randn(16, 2, 8, 8, generator=g)
+    gamma, beta = np.array([1e-3, 1.0]), np.array([0.5, 0.5])
+    fwd = reference.forward(x.double().numpy(), None, None, gamma, beta, activation="leaky_relu",
+                            activation_param=0.01, strategy="inplace_abn")
+    exact = reference.backward(dz.double().numpy(), fwd, gamma, beta, activation="leaky_relu",
+                               activation_param=0.01, strategy="inplace_abn")
+    fwd.kept["z"] = fwd.kept["z"].astype(np.float32).astype(np.float64)  # what an fp32 z really holds
+    rounded = reference.backward(dz.double().numpy(), fwd, gamma, beta, activation="leaky_relu",
+                                 activation_param=0.01, strategy="inplace_abn")
+    err = np.abs(rounded[1] - exact[1]) / np.abs(exact[1])
+    unit = 2.0 ** -24
+    assert err[0] > 64 * unit and err[0] > 30 * max(err[1], unit)  # channel 0 lost 6+ bits; channel 1 is fine
+    leaky = get_activation("leaky_relu")
+    assert InplaceABN().fallback_reason(None, None, None, gamma, beta, leaky, None, None, None, None)
+    assert not InplaceABN().fallback_reason(None, None, None, np.array([1.0]), np.array([30.0]), leaky, None, None,
+                                            None, None)
+
+
+def test_elu_keeps_z_only_while_its_inverse_is_accurate():
+    g = torch.Generator().manual_seed(3)
+    x, dz = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g)
+    # beta = +1: y >= 1 - 1 * max|xhat| > -3.47, the inverse is accurate, no fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionFallbackWarning)
+        z, dx, dgamma, dbeta, _, saved = run(make_layer([1.0, 0.8], [1.0, 1.0], "elu", 1.0), x, dz)
+    assert saved == x.numel() * 4 + 2 * 8
+    z_ref, (dx_ref, dg_ref, db_ref) = reference_grads(x, dz, [1.0, 0.8], [1.0, 1.0], "elu", 1.0)
+    assert rel(dx, dx_ref) < 1e-5 and rel(dgamma, dg_ref) < 1e-5
+    # gamma = 3: y reaches about -8, where exp(-y) amplifies z's rounding 3000x: keep x
+    with pytest.warns(PrecisionFallbackWarning, match="ELU"):
+        z, dx, dgamma, dbeta, _, saved = run(make_layer([3.0, 0.8], [0.0, 1.0], "elu", 1.0), x, dz)
+    assert saved == x.numel() * 4 + 2 * 2 * 8
+    z_ref, (dx_ref, dg_ref, db_ref) = reference_grads(x, dz, [3.0, 0.8], [0.0, 1.0], "elu", 1.0)
+    assert rel(dx, dx_ref) < 1e-5 and rel(dgamma, dg_ref) < 1e-5
+
+
+def test_eval_mode_elu_check_uses_the_data_range():
+    layer = make_layer([3.0], [0.0], "elu", 1.0).eval()
+    x = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(4)) * 3
+    with pytest.warns(PrecisionFallbackWarning):
+        layer(x.clone().requires_grad_() * 1).sum().backward()
