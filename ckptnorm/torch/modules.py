@@ -5,7 +5,6 @@ loads with ``strict=True``), plus ``activation``, ``activation_param``, ``strate
 """
 from __future__ import annotations
 
-import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..activations import get_activation
@@ -22,10 +21,7 @@ class _BatchNormAct(_BatchNorm):
                  strategy="efficient_checkpoint", inplace=False):
         if not eps > 0:
             raise ValueError(f"ckptnorm: eps must be positive, got {eps}; tip: use the default 1e-5")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        if affine and not bias:
-            del self.bias
-            self.register_parameter("bias", None)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         act = get_activation(activation, activation_param)
         strat = get_strategy(strategy)
         strat.check_activation(act)
@@ -36,13 +32,6 @@ class _BatchNormAct(_BatchNorm):
         self.activation_param = act.param
         self.strategy = strat.name
         self.inplace = inplace
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            torch.nn.init.ones_(self.weight)
-            if self.bias is not None:
-                torch.nn.init.zeros_(self.bias)
 
     def _check_input_dim(self, input):
         if input.dim() not in self._expected_dims:
@@ -67,8 +56,6 @@ class _BatchNormAct(_BatchNorm):
     def extra_repr(self):
         act = get_activation(self.activation, self.activation_param).describe()
         extra = f", activation={act}, strategy={self.strategy}"
-        if self.affine and self.bias is None:
-            extra += ", bias=False"
         if self.inplace:
             extra += ", inplace=True"
         return super().extra_repr() + extra
