@@ -143,5 +143,6 @@ def get_activation(name: "str | Activation | None", param: "float | None" = None
         raise ValueError(f"ckptnorm: unknown activation {name!r}; tip: use one of {', '.join(ACTIVATION_NAMES)}")
     value = _DEFAULT_PARAM[key] if param is None else float(param)
     if not math.isfinite(value):
-        raise ValueError(f"ckptnorm: activation parameter must be finite, got {param!r}")
+        raise ValueError(f"ckptnorm: activation parameter must be finite, got {param!r}; tip: pass None for the "
+                         "default (leaky_relu 0.01, elu 1.0)")
     return Activation(key, value if key in ("leaky_relu", "elu") else 0.0)

@@ -346,18 +346,12 @@ def _unrelated_in_place_misuse(_):
     return s.sum()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: while a checkpoint/efficient_checkpoint output is alive, "
-                   "ckptnorm's default saved-tensor hooks disable autograd's version-counter check for every tensor "
-                   "saved on the thread (SavedVariable skips it when hooks are set)")
 @pytest.mark.parametrize("strategy", RECOMPUTING)
 def test_input_modified_in_place_after_forward_no_consumer(strategy):
     torch.manual_seed(0)
     assert _backward_outcome(_input_modified_no_consumer, strategy) == "raised"
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: ckptnorm's saved-tensor hooks, pushed while a "
-                   "checkpoint/efficient_checkpoint output is alive, switch off autograd's in-place check for "
-                   "unrelated ops too")
 def test_unrelated_in_place_misuse_still_detected_while_ckptnorm_hooks_are_on():
     assert _backward_outcome(_unrelated_in_place_misuse) == "raised"
 
@@ -370,7 +364,6 @@ def test_unrelated_in_place_misuse_detected_without_ckptnorm_hooks():
 
 
 # -- every message says what to do instead ----------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="library gap: these ckptnorm errors carry no 'tip:'")
 @pytest.mark.parametrize("case", ["running_mean_only", "non_finite_activation_param", "non_tensor_input"])
 def test_remaining_errors_have_a_tip(case):
     calls = {

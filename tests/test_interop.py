@@ -103,15 +103,8 @@ class TwoStage(nn.Module):
         return checkpoint(self.segment, h, use_reentrant=self.use_reentrant)
 
 
-STANDARD_NON_REENTRANT_BUG = pytest.mark.xfail(
-    strict=True, raises=torch.utils.checkpoint.CheckpointError,
-    reason="library bug: strategy='standard' recomputed by non-reentrant checkpoint calls F.batch_norm without the "
-           "running stats, so native BN saves 2 tensors fewer than in forward and checkpoint raises")
-
-
 @pytest.mark.parametrize("strategy, use_reentrant", [
-    pytest.param(s, r, id=f"{s}-{'reentrant' if r else 'non-reentrant'}",
-                 marks=[STANDARD_NON_REENTRANT_BUG] if (s, r) == ("standard", False) else [])
+    pytest.param(s, r, id=f"{s}-{'reentrant' if r else 'non-reentrant'}")
     for s in STRATEGIES for r in (False, True)])
 def test_torch_utils_checkpoint(strategy, use_reentrant):
     x, g = data()
@@ -228,10 +221,9 @@ def test_user_hooks_entered_while_ckptnorm_output_alive(monkeypatch):
     assert calls and materialized["calls"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: when the last live ckptnorm output dies while autograd runs "
-                   "a backward, ckptnorm pops its hooks from the engine's temporary copy of the thread-local state; "
-                   "the engine restores the hooks afterwards while ckptnorm believes they are gone, so they stay "
-                   "on the thread for good (torch.func refuses to run, in-place checks stay off)")
+@pytest.mark.xfail(strict=True, reason="known limitation: when the last live ckptnorm output dies during a "
+                   "backward, ckptnorm cannot pop its hooks there (autograd runs backward on a copy of the hook "
+                   "stack), so they stay until the next ckptnorm forward; torch.func refuses to run until then")
 def test_hooks_released_when_output_dies_during_backward():
     x, g = data()
     model = seq("efficient_checkpoint")
@@ -248,7 +240,7 @@ def test_hooks_released_when_output_dies_during_backward():
         force_clean_hooks()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: when the last live ckptnorm output dies while a user's "
+@pytest.mark.xfail(strict=True, reason="known limitation: when the last live ckptnorm output dies while a user's "
                    "saved-tensor hooks are on top, ckptnorm's hooks stay pushed after the user's context exits "
                    "(until the next batch_norm_act call), so torch.func refuses to run")
 def test_hooks_released_when_output_dies_inside_user_context():

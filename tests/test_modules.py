@@ -122,3 +122,21 @@ def test_module_is_reusable_in_one_graph():
     for other in grads[1:]:
         for got, want in zip(other, grads[0]):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", list(ckptnorm.STRATEGY_NAMES))
+def test_empty_batch_behaves_like_batchnorm(strategy):
+    layer, bn = BatchNormAct2d(3, strategy=strategy, activation="identity"), torch.nn.BatchNorm2d(3)
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (0, 3, 4, 4)
+    out.sum().backward()
+    bn(torch.randn(0, 3, 4, 4))
+    torch.testing.assert_close(layer.running_mean, bn.running_mean)
+    torch.testing.assert_close(layer.running_var, bn.running_var)
+
+
+def test_functional_momentum_none_needs_a_factor():
+    from ckptnorm.torch import batch_norm_act
+    with pytest.raises(ValueError, match="^ckptnorm: momentum=None needs a batch count; tip:"):
+        batch_norm_act(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True, momentum=None)

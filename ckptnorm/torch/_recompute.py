@@ -13,6 +13,8 @@ unpacks it.  This is done with PyTorch's saved-tensor hooks, without any wrapper
     metadata and version); anything else passes through untouched.
  4. When the last registered z of the thread dies, the hooks are popped again (``torch.func`` transforms refuse
     to run while any saved-tensor hooks are installed).
+ 5. Autograd skips its in-place (version) check for saved tensors when hooks are installed, so tensors passing
+    through our hooks are wrapped in ``Kept``, which makes that check on unpack.
 
 Users composing their own saved-tensor hooks can call ``pack_hook``/``unpack_hook`` inside theirs to keep the
 saving; ``SavedTensorsCounter`` below does exactly that to measure what is kept.
@@ -28,7 +30,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from . import _arrays
 
 _registry: dict = {}              # data_ptr of a live z -> Recipe
-_thread_state = threading.local()  # .pushed: our hooks are on this thread's stack; .live: registered z alive
+_thread_state = threading.local()  # .live: registered outputs z of this thread still alive
 
 
 class Recipe:
@@ -63,7 +65,7 @@ class Recipe:
                 "cannot be recomputed for backward; tip: avoid in-place ops on that input, or use "
                 "strategy='standard' for that layer")
         z = self._last() if self._last is not None else None
-        if z is not None:  # several consumers unpacking the same z: compute it once
+        if z is not None:  # several consumers unpacking z while the first recomputation is alive: reuse it
             return z
         x_arr = _arrays.activation_view(self.x, self.layout)
         mean, scale = self.mean, self.scale
@@ -78,23 +80,53 @@ class Recipe:
         return z
 
 
+class Kept:
+    """A saved tensor that our hooks pass through unchanged, with its version when it was saved.
+
+    Autograd checks saved tensors for in-place modification only when no hooks are installed, so while ours are
+    we make that check ourselves in ``unpack_hook`` (never a silently wrong gradient).
+    """
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor):
+        self.tensor, self.version = tensor, tensor._version
+
+    def kept_tensors(self):
+        return (self.tensor,)
+
+    def materialize(self) -> torch.Tensor:
+        if self.tensor._version != self.version:
+            raise RuntimeError(
+                f"ckptnorm: one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: a tensor of shape {tuple(self.tensor.shape)} is at version {self.tensor._version}; "
+                f"expected version {self.version} instead. tip: find the in-place op (e.g. with "
+                f"torch.autograd.set_detect_anomaly(True)) and make it out of place")
+        return self.tensor
+
+
 def pack_hook(t):
     """Saved-tensor pack hook: a registered, unchanged output z becomes its ``Recipe``; anything else is kept."""
     try:
         recipe = _registry.get(t.data_ptr())
     except RuntimeError:  # tensors without storage (e.g. some subclasses) are never ours
-        return t
+        recipe = None
     if recipe is not None and recipe.matches(t):
         return recipe
-    return t
+    return Kept(t)
 
 
 def unpack_hook(packed):
-    return packed.materialize() if isinstance(packed, Recipe) else packed
+    return packed.materialize()
 
 
-def _hooks_are_ours(top) -> bool:
-    return top is not None and top[0] is pack_hook
+def in_backward() -> bool:
+    """True while autograd runs a backward on this thread (e.g. torch.utils.checkpoint recomputing a forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _top_hooks():
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
 def register(z: torch.Tensor, recipe: Recipe) -> None:
@@ -106,9 +138,10 @@ def register(z: torch.Tensor, recipe: Recipe) -> None:
     state = _thread_state
     state.live = getattr(state, "live", 0) + 1
     weakref.finalize(z, _on_output_freed, key, recipe, state)
-    if not getattr(state, "pushed", False) and torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+    # Only onto an empty stack (bottom), and not during a backward: autograd runs a backward on a copy of the
+    # thread's hook stack and restores the original afterwards, so a push or pop there would be lost.
+    if _top_hooks() is None and not in_backward():
         torch._C._autograd._push_saved_tensors_default_hooks(pack_hook, unpack_hook)
-        state.pushed = True
 
 
 def _on_output_freed(key, recipe, state) -> None:
@@ -120,12 +153,15 @@ def _on_output_freed(key, recipe, state) -> None:
 
 
 def release_hooks_if_idle() -> None:
-    """Pop our hooks from this thread's stack when no registered z is alive and they are on top."""
-    state = _thread_state
-    if getattr(state, "pushed", False) and getattr(state, "live", 0) <= 0:
-        if _hooks_are_ours(torch._C._autograd._top_saved_tensors_default_hooks(False)):
+    """Pop our hooks when no registered z of this thread is alive and they are on top of its stack.
+
+    Called when a registered z dies and at every ckptnorm forward; when a z dies under a user's hooks or during a
+    backward, the pop waits for the next ckptnorm call.
+    """
+    if getattr(_thread_state, "live", 0) <= 0 and not in_backward():
+        top = _top_hooks()
+        if top is not None and top[0] is pack_hook:
             torch._C._autograd._pop_saved_tensors_default_hooks()
-            state.pushed = False
 
 
 class SavedTensorsCounter(saved_tensors_hooks):
@@ -149,7 +185,7 @@ class SavedTensorsCounter(saved_tensors_hooks):
 
     def _pack(self, t):
         packed = pack_hook(t)
-        for tensor in packed.kept_tensors() if isinstance(packed, Recipe) else (packed,):
+        for tensor in packed.kept_tensors():
             storage = tensor.untyped_storage()
             if storage.data_ptr() not in self._excluded:
                 self.storages[storage.data_ptr()] = storage.nbytes()

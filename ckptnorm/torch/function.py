@@ -13,11 +13,7 @@ from ..activations import get_activation
 from ..backends import get_backend
 from ..strategies import get_strategy, update_running_stats
 from . import _arrays, _recompute
-
-
-def in_backward() -> bool:
-    """True while autograd runs a backward on this thread (e.g. torch.utils.checkpoint recomputing a forward)."""
-    return torch._C._current_graph_task_id() != -1
+from ._recompute import in_backward
 
 
 class _Config:
@@ -97,9 +93,10 @@ def _native_activation(y, act):
     return F.gelu(y)
 
 
-def _validate(x, running_mean, running_var, weight, bias, training, eps, strategy, inplace):
+def _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, strategy, inplace):
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"ckptnorm: input must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"ckptnorm: input must be a torch.Tensor, got {type(x).__name__}; tip: convert it with "
+                        "torch.as_tensor")
     if not (x.is_floating_point()):
         raise TypeError(f"ckptnorm: BatchNorm needs a floating-point input, got {x.dtype}; tip: convert it with "
                         "x.float()")
@@ -123,11 +120,15 @@ def _validate(x, running_mean, running_var, weight, bias, training, eps, strateg
             raise TypeError(f"ckptnorm: {name} is {t.dtype} but the input is {x.dtype}; tip: convert the module "
                             "with .to(x.dtype)")
     if (running_mean is None) != (running_var is None):
-        raise ValueError("ckptnorm: pass both running_mean and running_var, or neither")
+        raise ValueError("ckptnorm: pass both running_mean and running_var, or neither; tip: pass None for both to "
+                         "use batch statistics only")
     if not training and running_mean is None:
         raise ValueError("ckptnorm: eval mode (training=False) needs running statistics; tip: pass running_mean and "
                          "running_var, or training=True")
-    if training and x.numel() // max(channels, 1) <= 1:
+    if training and running_mean is not None and momentum is None:
+        raise ValueError("ckptnorm: momentum=None needs a batch count; tip: pass the factor 1 / num_batches_tracked "
+                         "as momentum, or use a BatchNormAct module")
+    if training and x.numel() // max(channels, 1) == 1:
         raise ValueError(f"ckptnorm: expected more than 1 value per channel when training, got input size "
                          f"{tuple(x.shape)}; tip: use a batch larger than 1, or eval mode")
     if inplace:
@@ -151,16 +152,19 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     strat = get_strategy(strategy)
     act = get_activation(activation, activation_param)
     strat.check_activation(act)
-    _validate(x, running_mean, running_var, weight, bias, training, eps, strat, inplace)
+    _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, strat, inplace)
     recomputing = in_backward()
-    if strat.name == "standard":
-        keep_stats = running_mean is not None and not (training and recomputing)
-        y = F.batch_norm(x, running_mean if keep_stats else None, running_var if keep_stats else None, weight, bias,
-                         training or running_mean is None, momentum, eps)
+    if strat.name == "standard" or x.numel() == 0:  # native ops (they also define what an empty batch gives)
+        if training and recomputing and running_mean is not None:
+            # torch.utils.checkpoint re-running this forward: same ops (same saved tensors) on throwaway buffers,
+            # so the running statistics are updated once only.
+            running_mean, running_var = running_mean.clone(), running_var.clone()
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training or running_mean is None,
+                         momentum or 0.0, eps)
         return _native_activation(y, act)
     if x.device.type != "cpu":
-        raise NotImplementedError(f"ckptnorm: strategy {strat.name!r} has no CUDA backend yet; tip: use "
-                                  "strategy='standard' for CUDA tensors until it lands")
+        raise NotImplementedError(f"ckptnorm: strategy {strat.name!r} has no backend for {x.device.type} tensors "
+                                  "yet (CPU only); tip: use strategy='standard' there until the CUDA backend lands")
     if x.dtype not in _arrays.SUPPORTED_DTYPES:
         raise TypeError(f"ckptnorm: {x.dtype} inputs are not supported yet (float32 and float64 are); tip: use "
                         "float32, or strategy='standard'")
