@@ -51,7 +51,8 @@ def main(argv=None):
     results = compare_block(args.input, args.channels, args.strategies, args.repeats, args.activation)
     title = (f"block: conv1x1({args.input[1]}->{args.channels}) -> BatchNormAct2d({args.channels}, {args.activation})"
              f" -> conv1x1({args.channels}->{args.input[1]}), input {'x'.join(map(str, args.input))} float32, "
-             f"{torch.get_num_threads()} threads, median of {args.repeats} steps")
+             f"{torch.get_num_threads()} threads, median of {args.repeats} steps; saved = bytes kept for backward, "
+             "block input and parameters excluded")
     print(format_table(results, title))
     return 0
 
