@@ -16,6 +16,8 @@ The per-channel coefficients come from ``ckptnorm.strategies``; kernels only str
 
 Invariants:
  1. Arithmetic is float64 per element; inputs are widened on load and outputs rounded once on store.
+    Elements are processed in tiles (TILE elements of a channel in "ncs", one row of C channels in "nsc"): the
+    activation's branch on ``kind`` is taken once per tile, so the per-element loops are simple and vectorize.
  2. Reductions are deterministic: each channel (ncs) or each fixed row chunk (nsc) is summed by one thread in a
     fixed order, and chunk partials are combined in chunk order.  Chunking depends on the shape only, never on
     the thread count, so results are bitwise identical run to run.
@@ -36,62 +38,88 @@ from ..activations import ELU, GELU, IDENTITY, LEAKY_RELU, RELU, SILU
 # the partials to NSC_MAX_CHUNKS x C floats, whatever the batch size).  Depends on the shape only: deterministic.
 NSC_MIN_ROWS_PER_CHUNK = 256
 NSC_MAX_CHUNKS = 512
+# Elements of one channel handled per tile in the "ncs" kernels (float64 scratch: 2 KiB, stays in L1).  Tiles are
+# taken as 1-D slices so that indices are provably non-negative (no wraparound checks): the loops vectorize.
+TILE = 256
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # ELU inverse: a z rounded onto -alpha would give log1p(-1) = -inf; clamp to a finite y (phi' is ~0 there).
 _ELU_INVERSE_CLAMP = -1.0 + 1e-16
 
 _jit = dict(cache=True, nogil=True)
+# Reductions may reorder their float64 sums (vectorized partial sums); the order is fixed at compile time, so
+# results stay bitwise deterministic run to run.
+_reduce_jit = dict(_jit, fastmath={"reassoc", "contract"})
 
 
-# -- activations (inlined into every kernel; `kind` is loop-invariant, so LLVM unswitches the branch) -------------
+# -- activations over a tile: one branch on `kind` per tile, then a simple loop ------------------------------------
 @njit(inline="always", **_jit)
-def act_forward(y, kind, p):
+def act_forward_tile(y, k, kind, p):
+    """y[:k] = phi(y[:k]) in place."""
     if kind == LEAKY_RELU:
-        return y if y >= 0.0 else p * y
-    if kind == ELU:
-        return y if y >= 0.0 else p * math.expm1(y)
-    if kind == RELU:
-        return y if y > 0.0 else 0.0
-    if kind == SILU:
-        return y / (1.0 + math.exp(-y))
-    if kind == GELU:
-        return 0.5 * y * (1.0 + math.erf(y * _SQRT_HALF))
-    return y
-
-
-@njit(inline="always", **_jit)
-def act_grad(y, kind, p):
-    if kind == LEAKY_RELU:
-        return 1.0 if y >= 0.0 else p
-    if kind == ELU:
-        return 1.0 if y >= 0.0 else p * math.exp(y)
-    if kind == RELU:
-        return 1.0 if y > 0.0 else 0.0
-    if kind == SILU:
-        s = 1.0 / (1.0 + math.exp(-y))
-        return s * (1.0 + y * (1.0 - s))
-    if kind == GELU:
-        return 0.5 * (1.0 + math.erf(y * _SQRT_HALF)) + y * math.exp(-0.5 * y * y) * _INV_SQRT_2PI
-    return 1.0
+        for j in range(k):
+            v = y[j]
+            y[j] = v if v >= 0.0 else p * v
+    elif kind == ELU:
+        for j in range(k):
+            v = y[j]
+            y[j] = v if v >= 0.0 else p * math.expm1(v)
+    elif kind == RELU:
+        for j in range(k):
+            y[j] = max(y[j], 0.0)
+    elif kind == SILU:
+        for j in range(k):
+            v = y[j]
+            y[j] = v / (1.0 + math.exp(-v))
+    elif kind == GELU:
+        for j in range(k):
+            v = y[j]
+            y[j] = 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
 
 
 @njit(inline="always", **_jit)
-def act_inverse(z, kind, p):
+def act_grad_tile(y, g, k, kind, p):
+    """g[:k] = phi'(y[:k])."""
     if kind == LEAKY_RELU:
-        return z if z >= 0.0 else z / p
-    if kind == ELU:
-        return z if z >= 0.0 else math.log1p(max(z / p, _ELU_INVERSE_CLAMP))
-    return z
+        for j in range(k):
+            g[j] = 1.0 if y[j] >= 0.0 else p
+    elif kind == ELU:
+        for j in range(k):
+            v = y[j]
+            g[j] = 1.0 if v >= 0.0 else p * math.exp(v)
+    elif kind == RELU:
+        for j in range(k):
+            g[j] = 1.0 if y[j] > 0.0 else 0.0
+    elif kind == SILU:
+        for j in range(k):
+            v = y[j]
+            sig = 1.0 / (1.0 + math.exp(-v))
+            g[j] = sig * (1.0 + v * (1.0 - sig))
+    elif kind == GELU:
+        for j in range(k):
+            v = y[j]
+            g[j] = 0.5 * (1.0 + math.erf(v * _SQRT_HALF)) + v * math.exp(-0.5 * v * v) * _INV_SQRT_2PI
+    else:
+        for j in range(k):
+            g[j] = 1.0
 
 
 @njit(inline="always", **_jit)
-def act_grad_from_output(z, kind, p):
+def act_inverse_tile(z, g, k, kind, p):
+    """From z[:k] = phi(y): g[:k] = phi'(y), then z[:k] = y in place (invertible activations only)."""
     if kind == LEAKY_RELU:
-        return 1.0 if z >= 0.0 else p
-    if kind == ELU:
-        return 1.0 if z >= 0.0 else z + p
-    return 1.0
+        for j in range(k):
+            v = z[j]
+            g[j] = 1.0 if v >= 0.0 else p
+            z[j] = v if v >= 0.0 else v / p
+    elif kind == ELU:
+        for j in range(k):
+            v = z[j]
+            g[j] = 1.0 if v >= 0.0 else v + p
+            z[j] = v if v >= 0.0 else math.log1p(max(v / p, _ELU_INVERSE_CLAMP))
+    else:
+        for j in range(k):
+            g[j] = 1.0
 
 
 @njit(inline="always", **_jit)
@@ -103,7 +131,7 @@ def _chunking(rows):
 # -- per-channel statistics ---------------------------------------------------------------------------------------
 # One pass, float64 sums of (x - shift) and (x - shift)^2 with shift = first element of the channel: the shift
 # removes the cancellation of E[x^2] - E[x]^2 when |mean| >> std.  min/max are kept for inplace_abn's ELU check.
-@njit(parallel=True, **_jit)
+@njit(parallel=True, **_reduce_jit)
 def stats_ncs(x, mean, var, xmin, xmax):
     n_batch, channels, spatial = x.shape
     count = n_batch * spatial
@@ -114,8 +142,9 @@ def stats_ncs(x, mean, var, xmin, xmax):
         lo = np.inf
         hi = -np.inf
         for n in range(n_batch):
+            x_row = x[n, c]
             for s in range(spatial):
-                raw = np.float64(x[n, c, s])
+                raw = np.float64(x_row[s])
                 v = raw - shift
                 s1 += v
                 s2 += v * v
@@ -128,7 +157,7 @@ def stats_ncs(x, mean, var, xmin, xmax):
         xmax[c] = hi
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=True, **_reduce_jit)
 def stats_nsc(x, mean, var, xmin, xmax):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -169,7 +198,7 @@ def stats_nsc(x, mean, var, xmin, xmax):
         xmax[c] = hi
 
 
-# -- normalize + activation (out may be x itself: each element is read before it is written) ---------------------
+# -- normalize + activation (out may be x itself: each tile is read before it is written) -------------------------
 @njit(parallel=True, **_jit)
 def normalize_act_ncs(x, out, mean, scale, beta, kind, p):
     n_batch, channels, spatial = x.shape
@@ -177,39 +206,62 @@ def normalize_act_ncs(x, out, mean, scale, beta, kind, p):
         n = i // channels
         c = i - n * channels
         m, a, b = mean[c], scale[c], beta[c]
-        for s in range(spatial):
-            out[n, c, s] = act_forward((np.float64(x[n, c, s]) - m) * a + b, kind, p)
+        y = np.empty(TILE)
+        for s0 in range(0, spatial, TILE):
+            k = min(TILE, spatial - s0)
+            x_t, out_t = x[n, c, s0:s0 + k], out[n, c, s0:s0 + k]
+            for j in range(k):
+                y[j] = (np.float64(x_t[j]) - m) * a + b
+            act_forward_tile(y, k, kind, p)
+            for j in range(k):
+                out_t[j] = y[j]
 
 
 @njit(parallel=True, **_jit)
 def normalize_act_nsc(x, out, mean, scale, beta, kind, p):
     n_batch, spatial, channels = x.shape
-    for r in prange(n_batch * spatial):
-        n = r // spatial
-        s = r - n * spatial
-        for c in range(channels):
-            out[n, s, c] = act_forward((np.float64(x[n, s, c]) - mean[c]) * scale[c] + beta[c], kind, p)
+    rows = n_batch * spatial
+    n_chunks, per_chunk = _chunking(rows)
+    for k in prange(n_chunks):
+        y = np.empty(channels)
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
+            n = r // spatial
+            s = r - n * spatial
+            for c in range(channels):
+                y[c] = (np.float64(x[n, s, c]) - mean[c]) * scale[c] + beta[c]
+            act_forward_tile(y, channels, kind, p)
+            for c in range(channels):
+                out[n, s, c] = y[c]
 
 
 # -- backward reduction from the input x (y and xhat recomputed on the fly) --------------------------------------
-@njit(parallel=True, **_jit)
+@njit(parallel=True, **_reduce_jit)
 def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat):
     n_batch, channels, spatial = x.shape
     for c in prange(channels):
-        m, inv, a, b = mean[c], invstd[c], scale[c], beta[c]
+        m, a, b = mean[c], scale[c], beta[c]
+        u = np.empty(TILE)
+        y = np.empty(TILE)
+        g = np.empty(TILE)
         s_dy = 0.0
-        s_dyx = 0.0
+        s_dyu = 0.0
         for n in range(n_batch):
-            for s in range(spatial):
-                u = np.float64(x[n, c, s]) - m
-                dy = np.float64(dz[n, c, s]) * act_grad(u * a + b, kind, p)
-                s_dy += dy
-                s_dyx += dy * (u * inv)
+            for s0 in range(0, spatial, TILE):
+                k = min(TILE, spatial - s0)
+                x_t, dz_t = x[n, c, s0:s0 + k], dz[n, c, s0:s0 + k]
+                for j in range(k):
+                    u[j] = np.float64(x_t[j]) - m
+                    y[j] = u[j] * a + b
+                act_grad_tile(y, g, k, kind, p)
+                for j in range(k):
+                    dy = np.float64(dz_t[j]) * g[j]
+                    s_dy += dy
+                    s_dyu += dy * u[j]
         sum_dy[c] = s_dy
-        sum_dy_xhat[c] = s_dyx
+        sum_dy_xhat[c] = s_dyu * invstd[c]
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=True, **_reduce_jit)
 def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -217,36 +269,51 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
     part = np.zeros((n_chunks, 2, channels))
     for k in prange(n_chunks):
         acc = part[k]
+        u = np.empty(channels)
+        y = np.empty(channels)
+        g = np.empty(channels)
         for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                u = np.float64(x[n, s, c]) - mean[c]
-                dy = np.float64(dz[n, s, c]) * act_grad(u * scale[c] + beta[c], kind, p)
+                u[c] = np.float64(x[n, s, c]) - mean[c]
+                y[c] = u[c] * scale[c] + beta[c]
+            act_grad_tile(y, g, channels, kind, p)
+            for c in range(channels):
+                dy = np.float64(dz[n, s, c]) * g[c]
                 acc[0, c] += dy
-                acc[1, c] += dy * (u * invstd[c])
+                acc[1, c] += dy * u[c]
     _combine(part, sum_dy, sum_dy_xhat)
+    for c in range(channels):
+        sum_dy_xhat[c] *= invstd[c]
 
 
 # -- backward reduction from the output z (y = phi^-1(z); no xhat, no x) -----------------------------------------
-@njit(parallel=True, **_jit)
+@njit(parallel=True, **_reduce_jit)
 def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
     n_batch, channels, spatial = z.shape
     for c in prange(channels):
         b = beta[c]
+        y = np.empty(TILE)
+        g = np.empty(TILE)
         s_dy = 0.0
         s_dyy = 0.0
         for n in range(n_batch):
-            for s in range(spatial):
-                zv = np.float64(z[n, c, s])
-                dy = np.float64(dz[n, c, s]) * act_grad_from_output(zv, kind, p)
-                s_dy += dy
-                s_dyy += dy * (act_inverse(zv, kind, p) - b)
+            for s0 in range(0, spatial, TILE):
+                k = min(TILE, spatial - s0)
+                z_t, dz_t = z[n, c, s0:s0 + k], dz[n, c, s0:s0 + k]
+                for j in range(k):
+                    y[j] = np.float64(z_t[j])
+                act_inverse_tile(y, g, k, kind, p)
+                for j in range(k):
+                    dy = np.float64(dz_t[j]) * g[j]
+                    s_dy += dy
+                    s_dyy += dy * (y[j] - b)
         sum_dy[c] = s_dy
         sum_dy_ybeta[c] = s_dyy
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=True, **_reduce_jit)
 def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
     n_batch, spatial, channels = z.shape
     rows = n_batch * spatial
@@ -254,14 +321,18 @@ def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
     part = np.zeros((n_chunks, 2, channels))
     for k in prange(n_chunks):
         acc = part[k]
+        y = np.empty(channels)
+        g = np.empty(channels)
         for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                zv = np.float64(z[n, s, c])
-                dy = np.float64(dz[n, s, c]) * act_grad_from_output(zv, kind, p)
+                y[c] = np.float64(z[n, s, c])
+            act_inverse_tile(y, g, channels, kind, p)
+            for c in range(channels):
+                dy = np.float64(dz[n, s, c]) * g[c]
                 acc[0, c] += dy
-                acc[1, c] += dy * (act_inverse(zv, kind, p) - beta[c])
+                acc[1, c] += dy * (y[c] - beta[c])
     _combine(part, sum_dy, sum_dy_ybeta)
 
 
@@ -287,22 +358,38 @@ def dx_from_input_ncs(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
         c = i - n * channels
         m, a, b = mean[c], scale[c], beta[c]
         k_dy, k_u, k_0 = coef_dy[c], coef_u[c], coef_const[c]
-        for s in range(spatial):
-            u = np.float64(x[n, c, s]) - m
-            dy = np.float64(dz[n, c, s]) * act_grad(u * a + b, kind, p)
-            dx[n, c, s] = k_dy * dy + k_u * u + k_0
+        u = np.empty(TILE)
+        y = np.empty(TILE)
+        g = np.empty(TILE)
+        for s0 in range(0, spatial, TILE):
+            k = min(TILE, spatial - s0)
+            x_t, dz_t, dx_t = x[n, c, s0:s0 + k], dz[n, c, s0:s0 + k], dx[n, c, s0:s0 + k]
+            for j in range(k):
+                u[j] = np.float64(x_t[j]) - m
+                y[j] = u[j] * a + b
+            act_grad_tile(y, g, k, kind, p)
+            for j in range(k):
+                dx_t[j] = k_dy * (np.float64(dz_t[j]) * g[j]) + k_u * u[j] + k_0
 
 
 @njit(parallel=True, **_jit)
 def dx_from_input_nsc(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const):
     n_batch, spatial, channels = x.shape
-    for r in prange(n_batch * spatial):
-        n = r // spatial
-        s = r - n * spatial
-        for c in range(channels):
-            u = np.float64(x[n, s, c]) - mean[c]
-            dy = np.float64(dz[n, s, c]) * act_grad(u * scale[c] + beta[c], kind, p)
-            dx[n, s, c] = coef_dy[c] * dy + coef_u[c] * u + coef_const[c]
+    rows = n_batch * spatial
+    n_chunks, per_chunk = _chunking(rows)
+    for k in prange(n_chunks):
+        u = np.empty(channels)
+        y = np.empty(channels)
+        g = np.empty(channels)
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
+            n = r // spatial
+            s = r - n * spatial
+            for c in range(channels):
+                u[c] = np.float64(x[n, s, c]) - mean[c]
+                y[c] = u[c] * scale[c] + beta[c]
+            act_grad_tile(y, g, channels, kind, p)
+            for c in range(channels):
+                dx[n, s, c] = coef_dy[c] * (np.float64(dz[n, s, c]) * g[c]) + coef_u[c] * u[c] + coef_const[c]
 
 
 # -- dx from the output z ------------------------------------------------------------------------------------------
@@ -314,19 +401,32 @@ def dx_from_output_ncs(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const):
         c = i - n * channels
         b = beta[c]
         k_dy, k_u, k_0 = coef_dy[c], coef_u[c], coef_const[c]
-        for s in range(spatial):
-            zv = np.float64(z[n, c, s])
-            dy = np.float64(dz[n, c, s]) * act_grad_from_output(zv, kind, p)
-            dx[n, c, s] = k_dy * dy + k_u * (act_inverse(zv, kind, p) - b) + k_0
+        y = np.empty(TILE)
+        g = np.empty(TILE)
+        for s0 in range(0, spatial, TILE):
+            k = min(TILE, spatial - s0)
+            z_t, dz_t, dx_t = z[n, c, s0:s0 + k], dz[n, c, s0:s0 + k], dx[n, c, s0:s0 + k]
+            for j in range(k):
+                y[j] = np.float64(z_t[j])
+            act_inverse_tile(y, g, k, kind, p)
+            for j in range(k):
+                dx_t[j] = k_dy * (np.float64(dz_t[j]) * g[j]) + k_u * (y[j] - b) + k_0
 
 
 @njit(parallel=True, **_jit)
 def dx_from_output_nsc(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const):
     n_batch, spatial, channels = z.shape
-    for r in prange(n_batch * spatial):
-        n = r // spatial
-        s = r - n * spatial
-        for c in range(channels):
-            zv = np.float64(z[n, s, c])
-            dy = np.float64(dz[n, s, c]) * act_grad_from_output(zv, kind, p)
-            dx[n, s, c] = coef_dy[c] * dy + coef_u[c] * (act_inverse(zv, kind, p) - beta[c]) + coef_const[c]
+    rows = n_batch * spatial
+    n_chunks, per_chunk = _chunking(rows)
+    for k in prange(n_chunks):
+        y = np.empty(channels)
+        g = np.empty(channels)
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
+            n = r // spatial
+            s = r - n * spatial
+            for c in range(channels):
+                y[c] = np.float64(z[n, s, c])
+            act_inverse_tile(y, g, channels, kind, p)
+            for c in range(channels):
+                dx[n, s, c] = coef_dy[c] * (np.float64(dz[n, s, c]) * g[c]) + coef_u[c] * (y[c] - beta[c]) \
+                    + coef_const[c]
