@@ -45,7 +45,14 @@ def main(argv=None):
         import torch
     except ImportError:
         parser.exit(2, "ckptnorm: the comparison needs PyTorch; tip: pip install torch==2.13.0\n")
+    from .activations import get_activation
     from .torch.compare import compare_block, format_table
+    try:  # argument errors as one line, before any work
+        act = get_activation(args.activation)
+        for name in args.strategies:
+            get_strategy(name).check_activation(act)
+    except ValueError as exc:
+        parser.exit(2, f"{exc}\n")
     if "standard" not in args.strategies:
         args.strategies.insert(0, "standard")  # the baseline every ratio is against
     results = compare_block(args.input, args.channels, args.strategies, args.repeats, args.activation)

@@ -32,6 +32,8 @@ def test_compare_saved_bytes_are_one_buffer_less():
     (["compare", "--input", "3x3"], "expected NxCxHxW"),
     (["compare", "--strategies", "fast"], "ckptnorm: unknown strategy 'fast'"),
     (["frobnicate"], "invalid choice"),
+    (["compare", "--activation", "tanh"], "ckptnorm: unknown activation 'tanh'"),
+    (["compare", "--activation", "relu", "--strategies", "inplace_abn"], "needs an invertible activation"),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
     out = subprocess.run([sys.executable, "-m", "ckptnorm", *args], capture_output=True, text=True)

@@ -374,3 +374,14 @@ def test_remaining_errors_have_a_tip(case):
     exc, call = calls[case]
     with ck_raises(exc, match=r"ckptnorm:"):
         call()
+
+
+def test_output_modified_in_place_after_a_consumer_saved_it():
+    """A consumer keeps a recipe for z; z changed in place afterwards must raise, as autograd would."""
+    for strategy in ("checkpoint", "efficient_checkpoint"):
+        conv = torch.nn.Conv2d(C, C, 1)
+        z = bna(torch.randn(2, C, 5, 5, requires_grad=True) * 1, strategy=strategy)
+        out = conv(z)
+        z.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()

@@ -59,6 +59,12 @@ class Recipe:
         return (self.x,)
 
     def materialize(self) -> torch.Tensor:
+        z = self.z_ref()
+        if z is not None and z._version != self.z_version:  # what autograd would say had z itself been kept
+            raise RuntimeError(
+                f"ckptnorm: one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: the output of a BatchNormAct layer is at version {z._version}; expected version "
+                f"{self.z_version} instead. tip: make the in-place op on that output out of place")
         if self.x._version != self.x_version:
             raise RuntimeError(
                 "ckptnorm: the input of a BatchNormAct layer was modified in place after its forward, so its output "
