@@ -57,9 +57,9 @@ def elements_per_channel(shape, layout) -> int:
     return int(np.prod(shape)) // channel_count(shape, layout)
 
 
-def batch_statistics(backend, x, layout, eps):
-    """Return (mean, var, invstd, xmin, xmax) of the batch, float64 per channel."""
-    mean, var, xmin, xmax = backend.channel_stats(x, layout)
+def batch_statistics(backend, x, layout, eps, with_range=False):
+    """Return (mean, var, invstd, xmin, xmax) of the batch, float64 per channel (range only ``with_range``)."""
+    mean, var, xmin, xmax = backend.channel_stats(x, layout, with_range)
     return mean, var, 1.0 / np.sqrt(var + eps), xmin, xmax
 
 
@@ -119,7 +119,7 @@ class Strategy:
         count = elements_per_channel(x.shape, layout)
         xmin = xmax = None
         if training:
-            mean, var, invstd, xmin, xmax = batch_statistics(backend, x, layout, eps)
+            mean, var, invstd, xmin, xmax = batch_statistics(backend, x, layout, eps, self.needs_input_range(act))
         else:
             mean = np.asarray(running_mean, dtype=np.float64).copy()
             var = None
@@ -131,6 +131,10 @@ class Strategy:
 
     def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax):
         return self.keeps, ""
+
+    def needs_input_range(self, act) -> bool:
+        """Whether ``_keep`` needs the per-channel min/max of x (computed with the statistics in training)."""
+        return False
 
     def backward(self, backend, saved, dz, dx, layout, gamma, beta, act, training, eps, count):
         """``saved`` maps the names in ``plan.keep`` to arrays.  Writes dx (if not None); returns (dgamma, dbeta)."""
@@ -205,6 +209,9 @@ class InplaceABN(Strategy):
             return ("x", "mean", "invstd"), reason
         return self.keeps, ""
 
+    def needs_input_range(self, act) -> bool:
+        return act.name == "elu"
+
     def fallback_reason(self, backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax) -> str:
         budget = 2.0 ** self.MAX_LOST_BITS
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -216,7 +223,7 @@ class InplaceABN(Strategy):
                     f"than {self.MAX_LOST_BITS} bits")
         if act.name == "elu":
             if xmin is None:  # eval mode: the range of x is needed for this check only
-                _, _, xmin, xmax = backend.channel_stats(x, layout)
+                _, _, xmin, xmax = backend.channel_stats(x, layout, with_range=True)
             lo = np.minimum(gamma * (xmin - mean) * invstd, gamma * (xmax - mean) * invstd) + beta
             floor = -math.log(budget)
             if (lo < floor).any():

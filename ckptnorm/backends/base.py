@@ -18,8 +18,11 @@ class Backend(abc.ABC):
     name: str = "abstract"
 
     @abc.abstractmethod
-    def channel_stats(self, x, layout):
-        """Return float64 arrays ``(mean, var, xmin, xmax)`` per channel; ``var`` is biased (divides by m)."""
+    def channel_stats(self, x, layout, with_range=False):
+        """Return float64 arrays ``(mean, var, xmin, xmax)`` per channel; ``var`` is biased (divides by m).
+
+        ``xmin``/``xmax`` (the range of x) are computed only ``with_range``; otherwise they are None.
+        """
 
     @abc.abstractmethod
     def normalize_act(self, x, out, layout, mean, scale, beta, act):

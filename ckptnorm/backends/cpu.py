@@ -23,11 +23,11 @@ def _per_channel(values):
 class CPUBackend(Backend):
     name = "cpu"
 
-    def channel_stats(self, x, layout):
+    def channel_stats(self, x, layout, with_range=False):
         channels = x.shape[1] if layout == "ncs" else x.shape[2]
         mean, var, xmin, xmax = (np.empty(channels) for _ in range(4))
-        getattr(_kernels(), "stats_" + layout)(x, mean, var, xmin, xmax)
-        return mean, var, xmin, xmax
+        getattr(_kernels(), "stats_" + layout)(x, mean, var, xmin, xmax, with_range)
+        return (mean, var, xmin, xmax) if with_range else (mean, var, None, None)
 
     def normalize_act(self, x, out, layout, mean, scale, beta, act):
         getattr(_kernels(), "normalize_act_" + layout)(

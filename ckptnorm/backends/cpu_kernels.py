@@ -130,9 +130,10 @@ def _chunking(rows):
 
 # -- per-channel statistics ---------------------------------------------------------------------------------------
 # One pass, float64 sums of (x - shift) and (x - shift)^2 with shift = first element of the channel: the shift
-# removes the cancellation of E[x^2] - E[x]^2 when |mean| >> std.  min/max are kept for inplace_abn's ELU check.
+# removes the cancellation of E[x^2] - E[x]^2 when |mean| >> std.  min/max only when asked (inplace_abn's ELU
+# check): the comparisons would keep the sums from vectorizing.
 @njit(parallel=True, **_reduce_jit)
-def stats_ncs(x, mean, var, xmin, xmax):
+def stats_ncs(x, mean, var, xmin, xmax, with_range):
     n_batch, channels, spatial = x.shape
     count = n_batch * spatial
     for c in prange(channels):
@@ -144,12 +145,13 @@ def stats_ncs(x, mean, var, xmin, xmax):
         for n in range(n_batch):
             x_row = x[n, c]
             for s in range(spatial):
-                raw = np.float64(x_row[s])
-                v = raw - shift
+                v = np.float64(x_row[s]) - shift
                 s1 += v
                 s2 += v * v
-                lo = min(lo, raw)
-                hi = max(hi, raw)
+            if with_range:
+                for s in range(spatial):
+                    lo = min(lo, np.float64(x_row[s]))
+                    hi = max(hi, np.float64(x_row[s]))
         d = s1 / count
         mean[c] = shift + d
         var[c] = max(s2 / count - d * d, 0.0)
@@ -158,7 +160,7 @@ def stats_ncs(x, mean, var, xmin, xmax):
 
 
 @njit(parallel=True, **_reduce_jit)
-def stats_nsc(x, mean, var, xmin, xmax):
+def stats_nsc(x, mean, var, xmin, xmax, with_range):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
     n_chunks, per_chunk = _chunking(rows)
@@ -175,12 +177,13 @@ def stats_nsc(x, mean, var, xmin, xmax):
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                raw = np.float64(x[n, s, c])
-                v = raw - shift[c]
+                v = np.float64(x[n, s, c]) - shift[c]
                 acc[0, c] += v
                 acc[1, c] += v * v
-                acc[2, c] = min(acc[2, c], raw)
-                acc[3, c] = max(acc[3, c], raw)
+            if with_range:
+                for c in range(channels):
+                    acc[2, c] = min(acc[2, c], np.float64(x[n, s, c]))
+                    acc[3, c] = max(acc[3, c], np.float64(x[n, s, c]))
     for c in range(channels):
         s1 = 0.0
         s2 = 0.0
