@@ -31,7 +31,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ..activations import ELU, GELU, IDENTITY, LEAKY_RELU, RELU, SILU
+from ..activations import ELU, GELU, LEAKY_RELU, RELU, SILU  # anything else: identity
 
 # Channels-last reductions split the N*S rows into fixed chunks, each summed by one thread into a row of partials.
 # At least NSC_MIN_ROWS_PER_CHUNK rows per chunk (amortizes the partials), at most NSC_MAX_CHUNKS chunks (bounds
