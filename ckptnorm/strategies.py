@@ -17,6 +17,8 @@ Invariants:
  1. Running statistics are updated once per forward call, never by a backward or a recompute.
  2. No strategy changes the model: all compute z = phi(gamma * xhat + beta) (standard BatchNorm semantics).
  3. A strategy that cannot produce an accurate gradient from what it keeps keeps more (``InplaceABN``), never less.
+ 4. The per-channel math between kernel calls in the backward path uses arithmetic operators only, so a backend
+    may return its per-channel results as device arrays of its framework and nothing waits for the device.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ def elements_per_channel(shape, layout) -> int:
 def batch_statistics(backend, x, layout, eps, with_range=False):
     """Return (mean, var, invstd, xmin, xmax) of the batch, float64 per channel (range only ``with_range``)."""
     mean, var, xmin, xmax = backend.channel_stats(x, layout, with_range)
-    return mean, var, 1.0 / np.sqrt(var + eps), xmin, xmax
+    return mean, var, (var + eps) ** -0.5, xmin, xmax
 
 
 def update_running_stats(running_mean, running_var, mean, var, count, factor):
@@ -79,7 +81,7 @@ def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, a
             coef_u = -scale * invstd * sum_dy_xhat / count
             coef_const = -scale * sum_dy / count
         else:
-            coef_u = coef_const = np.zeros_like(scale)
+            coef_u = coef_const = scale * 0.0
         backend.dx_from_input(x, dz, dx, layout, mean, scale, beta, act, scale, coef_u, coef_const)
     return sum_dy_xhat, sum_dy
 
@@ -93,7 +95,7 @@ def backward_from_output(backend, z, dz, dx, layout, invstd, gamma, beta, act, t
             coef_u = -invstd * sum_dy_ybeta / (gamma * count)
             coef_const = -scale * sum_dy / count
         else:
-            coef_u = coef_const = np.zeros_like(scale)
+            coef_u = coef_const = scale * 0.0
         backend.dx_from_output(z, dz, dx, layout, beta, act, scale, coef_u, coef_const)
     return sum_dy_ybeta / gamma, sum_dy
 
