@@ -65,11 +65,13 @@ def batch_statistics(backend, x, layout, eps, with_range=False):
     return mean, var, (var + eps) ** -0.5, xmin, xmax
 
 
-def update_running_stats(running_mean, running_var, mean, var, count, factor):
-    """In place: running <- (1 - factor) * running + factor * batch, with the unbiased variance (m / (m - 1))."""
+def updated_running_stats(running_mean, running_var, mean, var, count, factor):
+    """New running statistics: (1 - factor) * running + factor * batch, with the unbiased variance (m / (m - 1)).
+
+    All arguments float64 per channel; arithmetic operators only (device arrays welcome).
+    """
     unbiased = var * (count / (count - 1)) if count > 1 else var
-    running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * mean
-    running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * unbiased
+    return (1.0 - factor) * running_mean + factor * mean, (1.0 - factor) * running_var + factor * unbiased
 
 
 def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count):
@@ -117,15 +119,16 @@ class Strategy:
                 "identity, leaky_relu with slope > 0 or elu with alpha > 0, or strategy='efficient_checkpoint'")
 
     def plan(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var):
-        """Compute the statistics for this call and decide what to keep.  Does not touch running stats."""
+        """Compute the statistics for this call and decide what to keep.  Does not touch running stats.
+
+        Per-channel arguments are float64 arrays of the backend's kind (running ones only used in eval mode).
+        """
         count = elements_per_channel(x.shape, layout)
         xmin = xmax = None
         if training:
             mean, var, invstd, xmin, xmax = batch_statistics(backend, x, layout, eps, self.needs_input_range(act))
         else:
-            mean = np.asarray(running_mean, dtype=np.float64).copy()
-            var = None
-            invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+            mean, var, invstd = running_mean, None, (running_var + eps) ** -0.5
         keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax)
         plan = ForwardPlan(mean, invstd, var, count, keep, reason)
         plan.set_affine(gamma)
@@ -215,6 +218,10 @@ class InplaceABN(Strategy):
         return act.name == "elu"
 
     def fallback_reason(self, backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax) -> str:
+        """Why this call must keep x ("" if z suffices).  Reads per-channel values on the host: on a device backend
+        this is one small synchronizing copy per forward, the price of never returning a wrong gradient."""
+        host = backend.to_host if backend is not None else np.asarray
+        gamma, beta = host(gamma), host(beta)
         budget = 2.0 ** self.MAX_LOST_BITS
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.abs(beta) / np.abs(gamma)
@@ -226,6 +233,7 @@ class InplaceABN(Strategy):
         if act.name == "elu":
             if xmin is None:  # eval mode: the range of x is needed for this check only
                 _, _, xmin, xmax = backend.channel_stats(x, layout, with_range=True)
+            mean, invstd, xmin, xmax = host(mean), host(invstd), host(xmin), host(xmax)
             lo = np.minimum(gamma * (xmin - mean) * invstd, gamma * (xmax - mean) * invstd) + beta
             floor = -math.log(budget)
             if (lo < floor).any():

@@ -7,14 +7,17 @@ _BACKENDS: dict = {}
 
 
 def get_backend(name: str = "cpu") -> Backend:
-    """Return the backend called ``name`` ("cpu"; "cuda" arrives with the CUDA kernels in src_cuda/)."""
+    """Return the backend called ``name``: "cpu" (Numba CPU kernels) or "cuda" (numba-cuda kernels in src_cuda/,
+    default stream and Numba's own device allocations; framework adapters build theirs with an allocator)."""
     if name not in _BACKENDS:
         if name == "cpu":
             from .cpu import CPUBackend
             _BACKENDS[name] = CPUBackend()
+        elif name == "cuda":
+            from ckptnorm._cuda.backend import CUDABackend
+            _BACKENDS[name] = CUDABackend()
         else:
-            raise ValueError(f"ckptnorm: no backend called {name!r} is available; tip: use 'cpu' "
-                             "(the CUDA backend is not implemented yet)")
+            raise ValueError(f"ckptnorm: no backend called {name!r}; tip: use 'cpu' or 'cuda'")
     return _BACKENDS[name]
 
 

@@ -43,3 +43,8 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const):
         """``dx = coef_dy * dy + coef_u * (phi^-1(z) - beta) + coef_const`` per channel, from z alone."""
+
+    def to_host(self, array):
+        """A NumPy copy of a (small, per-channel) array this backend returned; may wait for the device."""
+        import numpy as np
+        return np.asarray(array)

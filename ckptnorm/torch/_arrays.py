@@ -1,22 +1,35 @@
-"""The one place where PyTorch tensors become kernel arrays (and back).
+"""The one place where PyTorch tensors become kernel arrays (and back), and where a tensor's backend is chosen.
 
-CPU tensors are viewed as NumPy arrays without copying (``Tensor.numpy()`` shares memory), then re-strided into
-the 3-D memory-order views the backends take:
+Activation-sized tensors are re-strided, without copying, into the 3-D memory-order views the backends take:
 
     NCHW-contiguous (N, C, *spatial)        -> "ncs" view (N, C, S)
     channels_last   (N, C, *spatial)        -> "nsc" view (N, S, C)      (also a contiguous 2-D N x C input)
 
+CPU tensors become NumPy views (``Tensor.numpy()`` shares memory); CUDA tensors become Numba device arrays through
+``__cuda_array_interface__`` (zero-copy, no synchronization: kernels run on PyTorch's current stream, and every
+buffer a CUDA kernel needs is allocated by PyTorch's caching allocator).
+
 Gradients may have any strides (a ``.sum()`` gives an all-zero-stride gradient); they are viewed in the same axis
 order as x, merging the spatial dims when their strides allow it -- always the case for contiguous, channels_last
 and expanded (stride-0) gradients.  Only a gradient whose spatial dims are permuted is copied, once.
+
+Per-channel values (statistics, parameters in float64) are NumPy arrays for CPU tensors and float64 tensors on the
+device for CUDA tensors; the strategies only use arithmetic operators on them.
 """
 from __future__ import annotations
+
+import contextvars
 
 import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
 
+from ..backends import get_backend
+
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_TORCH_DTYPES = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32,
+                 np.dtype(np.int64): torch.int64}
+_backend_override = contextvars.ContextVar("ckptnorm_backend_override", default=None)
 
 
 def layout_of(t: torch.Tensor):
@@ -45,30 +58,37 @@ def _merged_stride(sizes, strides):
     return kept[-1][1] if kept else 0
 
 
-def _view3(t: torch.Tensor, layout: str):
-    """Zero-copy 3-D NumPy view of ``t`` in memory order, or None if the dims do not merge."""
-    if t.device.type != "cpu":
-        raise NotImplementedError("ckptnorm: only CPU tensors are supported so far; tip: use strategy='standard' "
-                                  "on CUDA until the CUDA backend lands")
-    a = _to_memory_order(t.detach(), layout).numpy()
-    item = a.itemsize
-    sizes, strides = a.shape, tuple(s // item for s in a.strides)
+def _shape3(t: torch.Tensor, layout: str):
+    """(memory-order tensor, 3-D shape, 3-D strides in elements), or None if the dims do not merge."""
+    tp = _to_memory_order(t.detach(), layout)
+    sizes, strides = tuple(tp.shape), tp.stride()
     if t.dim() == 2:  # (N, C): one "spatial" position per sample
-        shape3, strides3 = (sizes[0], 1, sizes[1]), (strides[0], 0, strides[1])
-    elif layout == "ncs":
+        return tp, (sizes[0], 1, sizes[1]), (strides[0], 0, strides[1])
+    if layout == "ncs":
         merged = _merged_stride(sizes[2:], strides[2:])
-        if merged is None:
-            return None
         shape3, strides3 = (sizes[0], sizes[1], int(np.prod(sizes[2:]))), (strides[0], strides[1], merged)
     else:
         merged = _merged_stride(sizes[1:-1], strides[1:-1])
-        if merged is None:
-            return None
         shape3, strides3 = (sizes[0], int(np.prod(sizes[1:-1])), sizes[-1]), (strides[0], merged, strides[-1])
-    return as_strided(a, shape3, tuple(s * item for s in strides3))
+    return None if merged is None else (tp, shape3, strides3)
 
 
-def activation_view(t: torch.Tensor, layout: str) -> np.ndarray:
+def _view3(t: torch.Tensor, layout: str):
+    found = _shape3(t, layout)
+    if found is None:
+        return None
+    tp, shape3, strides3 = found
+    if t.device.type == "cpu":
+        item = tp.element_size()
+        return as_strided(tp.numpy(), shape3, tuple(s * item for s in strides3))
+    if t.device.type == "cuda":
+        from numba import cuda
+        return cuda.as_cuda_array(torch.as_strided(tp, shape3, strides3, tp.storage_offset()), sync=False)
+    raise NotImplementedError(f"ckptnorm: no backend for {t.device.type} tensors; tip: use CPU or CUDA tensors, "
+                              "or strategy='standard'")
+
+
+def activation_view(t: torch.Tensor, layout: str):
     """View of an activation-sized tensor that ``layout_of`` accepted (x, z, dx)."""
     view = _view3(t, layout)
     if view is None:
@@ -76,7 +96,7 @@ def activation_view(t: torch.Tensor, layout: str) -> np.ndarray:
     return view
 
 
-def gradient_view(dz: torch.Tensor, layout: str) -> np.ndarray:
+def gradient_view(dz: torch.Tensor, layout: str):
     """View of an incoming gradient with arbitrary strides; copied only if its spatial dims cannot be merged."""
     view = _view3(dz, layout)
     if view is None:
@@ -87,18 +107,66 @@ def gradient_view(dz: torch.Tensor, layout: str) -> np.ndarray:
     return view
 
 
-def channel_values(t, channels: int, default: float) -> np.ndarray:
-    """Per-channel float64 copy of a parameter (or ``default`` everywhere when the parameter is None)."""
+def channel_values(t, channels: int, default: float, device: torch.device):
+    """Per-channel float64 copy of a parameter or buffer (``default`` everywhere when it is None)."""
+    if device.type == "cpu":
+        if t is None:
+            return np.full(channels, default)
+        return t.detach().to(torch.float64).cpu().numpy().copy()
     if t is None:
-        return np.full(channels, default)
-    return t.detach().to(torch.float64).cpu().numpy().copy()
+        return torch.full((channels,), default, dtype=torch.float64, device=device)
+    return t.detach().to(torch.float64, copy=True)
 
 
-def channel_tensor(values: np.ndarray) -> torch.Tensor:
-    """Per-channel float64 NumPy array -> tensor sharing its memory (kept for backward)."""
-    return torch.from_numpy(values)
+def channel_tensor(values) -> torch.Tensor:
+    """Per-channel float64 values -> tensor (shares memory with a NumPy array; a tensor is returned as is)."""
+    return values if isinstance(values, torch.Tensor) else torch.from_numpy(values)
 
 
-def channel_array(t: torch.Tensor) -> np.ndarray:
-    """Per-channel tensor kept for backward -> NumPy view."""
-    return t.detach().numpy()
+def channel_array(t: torch.Tensor):
+    """Per-channel tensor kept for backward -> what the backend takes (NumPy view on CPU, the tensor on CUDA)."""
+    return t.detach().numpy() if t.device.type == "cpu" else t
+
+
+def backend_for(t: torch.Tensor):
+    """The backend that runs kernels on ``t``: "cpu" for CPU tensors, "cuda" for CUDA tensors.
+
+    ``use_backend("cuda")`` routes CPU tensors through the CUDA kernels too (under Numba's CUDA simulator: how the
+    CUDA path is tested on machines without a GPU).
+    """
+    name = _backend_override.get() or ("cuda" if t.device.type == "cuda" else "cpu")
+    if name == "cpu":
+        if t.device.type != "cpu":
+            raise ValueError(f"ckptnorm: the CPU backend cannot run on {t.device} tensors; tip: leave the backend "
+                             "choice to ckptnorm")
+        return get_backend("cpu")
+    from ckptnorm._cuda.backend import CUDABackend
+    if t.device.type == "cuda":
+        from numba import cuda
+        stream = cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
+
+        def allocate(shape, dtype):
+            return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], device=t.device)
+
+        return CUDABackend(allocate=allocate, stream=stream)
+    return CUDABackend(allocate=lambda shape, dtype: np.zeros(shape, dtype), stream=0)
+
+
+class use_backend:
+    """Context manager: run ckptnorm's kernels on the named backend ("cpu", "cuda") whatever the tensors' device.
+
+    For testing and debugging: ``with use_backend("cuda"):`` on CPU tensors runs the CUDA kernels under Numba's
+    CUDA simulator (set NUMBA_ENABLE_CUDASIM=1 before numba is imported).
+    """
+
+    def __init__(self, name):
+        if name not in ("cpu", "cuda"):
+            raise ValueError(f"ckptnorm: unknown backend {name!r}; tip: use 'cpu' or 'cuda'")
+        self.name = name
+
+    def __enter__(self):
+        self._token = _backend_override.set(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        _backend_override.reset(self._token)

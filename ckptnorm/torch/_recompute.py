@@ -42,7 +42,7 @@ class Recipe:
         self.z_meta = (z.shape, z.stride(), z.dtype, z.device)
         self.x = x.detach()
         self.x_version = x._version
-        self.layout, self.backend, self.act, self.eps = layout, cfg.backend, cfg.act, cfg.eps
+        self.layout, self.act, self.eps = layout, cfg.act, cfg.eps
         self.beta = beta
         # checkpoint recomputes the statistics from x (naive); efficient_checkpoint reuses what forward computed.
         self.mean, self.scale = (None, None) if plan.keep == ("x",) else (plan.mean, plan.scale)
@@ -73,15 +73,16 @@ class Recipe:
         z = self._last() if self._last is not None else None
         if z is not None:  # several consumers unpacking z while the first recomputation is alive: reuse it
             return z
+        backend = _arrays.backend_for(self.x)  # on the current stream of the backward that unpacks z
         x_arr = _arrays.activation_view(self.x, self.layout)
         mean, scale = self.mean, self.scale
         if mean is None:
             from ckptnorm.strategies import batch_statistics
-            mean, _, invstd, _, _ = batch_statistics(self.backend, x_arr, self.layout, self.eps)
+            mean, _, invstd, _, _ = batch_statistics(backend, x_arr, self.layout, self.eps)
             scale = self.gamma_over_invstd * invstd
         z = torch.empty_like(self.x)
-        self.backend.normalize_act(x_arr, _arrays.activation_view(z, self.layout), self.layout, mean, scale,
-                                   self.beta, self.act)
+        backend.normalize_act(x_arr, _arrays.activation_view(z, self.layout), self.layout, mean, scale, self.beta,
+                              self.act)
         self._last = weakref.ref(z)
         return z
 

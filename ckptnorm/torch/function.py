@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..activations import get_activation
-from ..backends import get_backend
-from ..strategies import get_strategy, update_running_stats
+from ..strategies import get_strategy, updated_running_stats
 from . import _arrays, _recompute
 from ._recompute import in_backward
 
@@ -19,7 +18,7 @@ from ._recompute import in_backward
 class _Config:
     """Per-call constants, passed to the Function as one non-tensor argument."""
 
-    __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats", "backend")
+    __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats")
 
     def __init__(self, **kw):
         for k, v in kw.items():
@@ -30,24 +29,25 @@ class BatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, cfg):
         layout = _arrays.layout_of(x)
-        channels = x.shape[1]
-        gamma = _arrays.channel_values(weight, channels, 1.0)
-        beta = _arrays.channel_values(bias, channels, 0.0)
+        channels, device = x.shape[1], x.device
+        backend = _arrays.backend_for(x)
+        gamma = _arrays.channel_values(weight, channels, 1.0, device)
+        beta = _arrays.channel_values(bias, channels, 0.0, device)
+        running = (None, None) if running_mean is None else (
+            _arrays.channel_values(running_mean, channels, 0.0, device),
+            _arrays.channel_values(running_var, channels, 1.0, device))
         x_arr = _arrays.activation_view(x, layout)
-        plan = cfg.strategy.plan(cfg.backend, x_arr, layout, gamma, beta, cfg.act, cfg.training, cfg.eps,
-                                 None if running_mean is None else running_mean.detach().cpu().numpy(),
-                                 None if running_var is None else running_var.detach().cpu().numpy())
+        plan = cfg.strategy.plan(backend, x_arr, layout, gamma, beta, cfg.act, cfg.training, cfg.eps, *running)
         if cfg.training and cfg.update_stats and running_mean is not None:
-            rm64, rv64 = running_mean.to(torch.float64), running_var.to(torch.float64)
-            update_running_stats(rm64.numpy(), rv64.numpy(), plan.mean, plan.var, plan.count, cfg.momentum)
+            new_mean, new_var = updated_running_stats(*running, plan.mean, plan.var, plan.count, cfg.momentum)
             with torch.no_grad():
-                running_mean.copy_(rm64)
-                running_var.copy_(rv64)
+                running_mean.copy_(_arrays.channel_tensor(new_mean))
+                running_var.copy_(_arrays.channel_tensor(new_var))
         # inplace_abn falling back to keeping x while writing z over it: keep a copy of x (invariant 3).
         x_kept = x.clone() if (cfg.inplace and "x" in plan.keep) else x
         out = x if cfg.inplace else torch.empty_like(x)
-        cfg.backend.normalize_act(x_arr, _arrays.activation_view(out, layout), layout, plan.mean, plan.scale,
-                                  beta, cfg.act)
+        backend.normalize_act(x_arr, _arrays.activation_view(out, layout), layout, plan.mean, plan.scale, beta,
+                              cfg.act)
         if cfg.inplace:
             ctx.mark_dirty(x)
         kept = {"x": x_kept, "z": out,
@@ -65,16 +65,17 @@ class BatchNormActFunction(torch.autograd.Function):
         cfg, layout = ctx.cfg, ctx.layout
         saved = dict(zip(ctx.keep, ctx.saved_tensors))
         ref = saved["x"] if "x" in saved else saved["z"]
+        backend = _arrays.backend_for(ref)  # on the current stream of this backward
         arrays = {name: (_arrays.activation_view(t, layout) if name in ("x", "z") else _arrays.channel_array(t))
                   for name, t in saved.items()}
         dx = torch.empty_like(ref) if ctx.needs_input_grad[0] else None
         dgamma, dbeta = cfg.strategy.backward(
-            cfg.backend, arrays, _arrays.gradient_view(dz, layout),
+            backend, arrays, _arrays.gradient_view(dz, layout),
             None if dx is None else _arrays.activation_view(dx, layout),
             layout, ctx.gamma, ctx.beta, cfg.act, cfg.training, cfg.eps, ctx.count)
         w_dtype, b_dtype = ctx.param_dtypes
-        grad_w = torch.from_numpy(dgamma).to(w_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = torch.from_numpy(dbeta).to(b_dtype) if ctx.needs_input_grad[2] else None
+        grad_w = _arrays.channel_tensor(dgamma).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = _arrays.channel_tensor(dbeta).to(b_dtype) if ctx.needs_input_grad[2] else None
         return dx, grad_w, grad_b, None, None, None
 
 
@@ -162,9 +163,9 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training or running_mean is None,
                          momentum or 0.0, eps)
         return _native_activation(y, act)
-    if x.device.type != "cpu":
+    if x.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(f"ckptnorm: strategy {strat.name!r} has no backend for {x.device.type} tensors "
-                                  "yet (CPU only); tip: use strategy='standard' there until the CUDA backend lands")
+                                  "(CPU and CUDA only); tip: use strategy='standard' there")
     if x.dtype not in _arrays.SUPPORTED_DTYPES:
         raise TypeError(f"ckptnorm: {x.dtype} inputs are not supported yet (float32 and float64 are); tip: use "
                         "float32, or strategy='standard'")
@@ -175,7 +176,7 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
         x = x.contiguous()  # arbitrary strides: one copy, then the NCHW kernels
     _recompute.release_hooks_if_idle()
     cfg = _Config(strategy=strat, act=act, training=training, momentum=momentum, eps=eps, inplace=inplace,
-                  update_stats=not recomputing, backend=get_backend("cpu"))
+                  update_stats=not recomputing)
     z = BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, cfg)
     if strat.rematerializes_output and z.requires_grad:
         node = z.grad_fn  # the Function's ctx: holds the layout, plan and beta of this call
