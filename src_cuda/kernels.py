@@ -1,0 +1,456 @@
+"""numba-cuda kernels for fused BatchNorm + activation: the CUDA twin of ``ckptnorm/backends/cpu_kernels.py``.
+
+Every kernel takes 3-D views of the activation in *memory order* and a ``channels_last`` flag:
+
+    "ncs" layout (channels_last=False): shape (N, C, S)  -- NCHW-contiguous input, S = prod(spatial)
+    "nsc" layout (channels_last=True):  shape (N, S, C)  -- channels_last input (and 2-D N x C input, S = 1)
+
+Math (one channel, m = N*S elements; design note ../shared/design/strategies.md), exactly as the CPU kernels:
+
+    stats      shift = first element of the channel, s1 = sum(x - shift), s2 = sum((x - shift)^2)
+               mean = shift + s1/m,  var = max(s2/m - (s1/m)^2, 0)  (biased),  optional min/max of x
+    forward    y = (x - mean) * scale + beta,   z = phi(y)                       (scale = gamma * invstd)
+    reduce     sum_dy = sum(dz * phi'(y)),  sum_dy_xhat = invstd * sum(dy * (x - mean))            [from x]
+               sum_dy = sum(dz * phi'(z)),  sum_dy_ybeta = sum(dy * (phi^-1(z) - beta))            [from z]
+    dx         dx = coef_dy * dy + coef_u * u + coef_const,  u = x - mean [from x] or y - beta [from z]
+
+Invariants:
+ 1. Arithmetic is float64 per element: every load is widened with ``float64(...)``, every store rounds once to
+    the output's dtype.  Only loads and stores see the storage dtype, so float16/bfloat16 need no new math.
+ 2. Reductions are two-level and deterministic, with no atomics anywhere: each block folds its threads' float64
+    sums in shared memory in a fixed tree order and writes one partial per channel to a float64 scratch array
+    ``part[quantity, channel, block]``; a finalize kernel then folds each channel's partials in block order.  The
+    launch geometry (``reduce_geometry``) depends on the shape only, never on the device, so the bits are the same
+    on every run.
+ 3. Nothing activation-sized is allocated here: callers pass every output and scratch array (outputs may alias
+    inputs: each element is read before it is written, by the same thread).
+ 4. ``dz`` may have any strides (stride 0 from a ``.sum()`` included): it is only ever indexed.
+ 5. Kernels are compiled lazily, once per argument-type signature, on first launch, and cached on disk by Numba
+    (``cache=True``): importing this module compiles nothing and needs no GPU or driver.
+
+Layouts share one kernel per primitive: ``channels_last`` only decides which coordinate is the channel (a uniform
+branch).  Indexing: each thread walks its elements with a mixed-radix counter over the memory-order dims
+(``_split3``/``_advance3``, ``_advance2`` for reduction rows): a few integer divisions when a thread starts, then
+only adds and compares per element.
+"""
+from __future__ import annotations
+
+import math
+
+from numba import cuda
+from numba.cuda import float64, int64
+
+from ckptnorm.activations import ELU, GELU, LEAKY_RELU, RELU, SILU  # anything else: identity
+
+# -- launch geometry ------------------------------------------------------------------------------------------------
+# 256 threads = 8 warps per block: enough to hide memory latency at full occupancy (8 such blocks fill an SM's
+# 2048 threads) and a shared-memory fold of 256 float64 values per quantity (2 KiB) that costs two barriers.
+THREADS_PER_BLOCK = 256
+# Elementwise kernels give each thread at least this many elements (fewer, fatter threads amortize the index set-up,
+# as PyTorch's elementwise loops do) ...
+ELEMENTWISE_ITEMS_PER_THREAD = 4
+# ... and use at most this many blocks (about 30 per SM on a 132-SM H100: several full waves on any current GPU);
+# larger tensors are covered by a grid-stride loop.
+ELEMENTWISE_MAX_BLOCKS = 4096
+# Reductions split a channel over another block only when each thread still gets this many elements: the block's
+# fold (two barriers) and its partial stay a small fraction of the work.
+REDUCE_ITEMS_PER_THREAD = 16
+# Reductions stop splitting channels once the grid has about this many blocks (8 resident blocks per SM on a
+# 132-SM GPU: a full wave); more blocks would only add partials.
+REDUCE_TARGET_BLOCKS = 1024
+# Hard cap on partials per channel: the finalize kernel folds them serially, one thread per channel.
+REDUCE_MAX_PARTIALS = 256
+# A reduction block covers a tile of channels, THREADS_PER_BLOCK // tile lanes (threads) per channel.
+# Channels-last: a warp reads up to 32 consecutive channels of a row (coalesced); fewer channels than 32 shrink the
+# tile to the next power of 2, so that no lanes idle.
+NSC_MAX_CHANNEL_TILE = 32
+# "ncs": a channel's rows are contiguous, so a warp reads 32 consecutive rows of one channel; when a channel has
+# few rows (small N*S) a block takes up to 8 channels (still >= 32 lanes each) instead of idling most threads.
+NCS_MAX_CHANNEL_TILE = 8
+# In-block fold: first LANE_FAN lanes of each channel each fold every LANE_FAN-th lane, then lane 0 folds those.
+LANE_FAN = 16
+
+# Quantities of the stats partials: sum(x - shift), sum((x - shift)^2), min(x), max(x) (the last two only with_range).
+_Q_MIN = 2
+_Q_MAX = 3
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+# ELU inverse: a z rounded onto -alpha would give log1p(-1) = -inf; clamp to a finite y (phi' is ~0 there).
+_ELU_INVERSE_CLAMP = -1.0 + 1e-16
+
+_jit = dict(cache=True)
+
+
+# -- host-side geometry (depends on the shape only: deterministic) --------------------------------------------------
+def elementwise_blocks(total):
+    """Blocks of THREADS_PER_BLOCK threads for an elementwise kernel over ``total`` elements."""
+    per_block = THREADS_PER_BLOCK * ELEMENTWISE_ITEMS_PER_THREAD
+    return max(1, min(-(-total // per_block), ELEMENTWISE_MAX_BLOCKS))
+
+
+def finalize_blocks(channels):
+    """Blocks for a finalize kernel: one thread per channel."""
+    return max(1, -(-channels // THREADS_PER_BLOCK))
+
+
+def reduce_geometry(rows, channels, channels_last):
+    """Return ``(tile, n_part, blocks)`` for a reduction over ``rows`` = N*S elements of each of ``channels``.
+
+    A block covers ``tile`` consecutive channels with THREADS_PER_BLOCK // tile lanes each; each channel tile is
+    split over ``n_part`` blocks, each writing one partial per channel.
+    """
+    tile = 1
+    if channels_last:
+        while tile < min(channels, NSC_MAX_CHANNEL_TILE):
+            tile *= 2
+    else:
+        while tile < min(channels, NCS_MAX_CHANNEL_TILE) and THREADS_PER_BLOCK // (2 * tile) >= rows:
+            tile *= 2
+    lanes = THREADS_PER_BLOCK // tile
+    tiles = max(1, -(-channels // tile))
+    n_part = -(-rows // (lanes * REDUCE_ITEMS_PER_THREAD))
+    n_part = max(1, min(n_part, -(-REDUCE_TARGET_BLOCKS // tiles), REDUCE_MAX_PARTIALS))
+    return tile, n_part, tiles * n_part
+
+
+# -- activations (branch on the integer `kind`; codes in ckptnorm.activations) --------------------------------------
+@cuda.jit(device=True, **_jit)
+def _act_forward(y, kind, p):
+    """phi(y)."""
+    if kind == LEAKY_RELU:
+        return y if y >= 0.0 else p * y
+    if kind == ELU:
+        return y if y >= 0.0 else p * math.expm1(y)
+    if kind == RELU:
+        return max(y, 0.0)
+    if kind == SILU:
+        return y / (1.0 + math.exp(-y))
+    if kind == GELU:
+        return 0.5 * y * (1.0 + math.erf(y * _SQRT_HALF))
+    return y
+
+
+@cuda.jit(device=True, **_jit)
+def _act_grad(y, kind, p):
+    """phi'(y)."""
+    if kind == LEAKY_RELU:
+        return 1.0 if y >= 0.0 else p
+    if kind == ELU:
+        return 1.0 if y >= 0.0 else p * math.exp(y)
+    if kind == RELU:
+        return 1.0 if y > 0.0 else 0.0
+    if kind == SILU:
+        sig = 1.0 / (1.0 + math.exp(-y))
+        return sig * (1.0 + y * (1.0 - sig))
+    if kind == GELU:
+        return 0.5 * (1.0 + math.erf(y * _SQRT_HALF)) + y * math.exp(-0.5 * y * y) * _INV_SQRT_2PI
+    return 1.0
+
+
+@cuda.jit(device=True, **_jit)
+def _act_inverse(z, kind, p):
+    """From z = phi(y): ``(y, phi'(y))`` (invertible activations; anything else is treated as identity)."""
+    if kind == LEAKY_RELU:
+        if z >= 0.0:
+            return z, 1.0
+        return z / p, p
+    if kind == ELU:
+        if z >= 0.0:
+            return z, 1.0
+        return math.log1p(max(z / p, _ELU_INVERSE_CLAMP)), z + p
+    return z, 1.0
+
+
+# -- indexing helpers -----------------------------------------------------------------------------------------------
+@cuda.jit(device=True, **_jit)
+def _load(a, n, c, s, channels_last):
+    """Element (n, c, s) of a memory-order view, widened to float64."""
+    if channels_last:
+        return float64(a[n, s, c])
+    return float64(a[n, c, s])
+
+
+@cuda.jit(device=True, **_jit)
+def _split3(i, d1, d2):
+    """Flat index -> coordinates (i0, i1, i2) in dims (., d1, d2)."""
+    q = i // d2
+    i2 = i - q * d2
+    i0 = q // d1
+    return i0, q - i0 * d1, i2
+
+
+@cuda.jit(device=True, **_jit)
+def _advance3(a0, a1, a2, b0, b1, b2, d1, d2):
+    """(a0, a1, a2) + (b0, b1, b2) with carries, for a1, b1 < d1 and a2, b2 < d2."""
+    a2 += b2
+    if a2 >= d2:
+        a2 -= d2
+        a1 += 1
+    a1 += b1
+    if a1 >= d1:
+        a1 -= d1
+        a0 += 1
+    return a0 + b0, a1, a2
+
+
+@cuda.jit(device=True, **_jit)
+def _thread_range():
+    """This thread's first flat index and the grid stride, as int64."""
+    start = int64(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    return start, int64(cuda.gridDim.x) * cuda.blockDim.x
+
+
+@cuda.jit(device=True, **_jit)
+def _dims(shape, channels_last):
+    """(N, C, S) from a memory-order shape."""
+    if channels_last:
+        return shape[0], shape[2], shape[1]
+    return shape[0], shape[1], shape[2]
+
+
+@cuda.jit(device=True, **_jit)
+def _reduce_coords(channels_last, tile, n_part, spatial):
+    """Thread of a reduction -> (lane, tx, channel, partial index b, first row (n, s), row step (dn, ds)).
+
+    Thread t holds lane ``lane`` of channel ``tx`` of the block's tile; its shared-memory slot is t.
+    """
+    t = int64(cuda.threadIdx.x)
+    lanes = THREADS_PER_BLOCK // tile
+    if channels_last:
+        lane = t // tile  # t = lane * tile + tx: a warp spans the tile's channels of consecutive rows
+        tx = t - lane * tile
+    else:
+        tx = t // lanes  # t = tx * lanes + lane: a warp spans consecutive rows of one channel
+        lane = t - tx * lanes
+    blk = int64(cuda.blockIdx.x)
+    tile_index = blk // n_part
+    b = blk - tile_index * n_part
+    spatial = max(spatial, int64(1))  # S = 0: no rows, callers test S > 0
+    # rows b*lanes + lane, + n_part*lanes, ...: the n_part blocks of a tile interleave over the rows
+    first = b * lanes + lane
+    n = first // spatial
+    step = n_part * lanes
+    dn = step // spatial
+    return lane, tx, tile_index * tile + tx, b, n, first - n * spatial, dn, step - dn * spatial
+
+
+@cuda.jit(device=True, **_jit)
+def _advance2(n, s, dn, ds, spatial):
+    """(n, s) + (dn, ds) with carry, for s, ds < spatial."""
+    s += ds
+    if s >= spatial:
+        s -= spatial
+        n += 1
+    return n + dn, s
+
+
+@cuda.jit(device=True, **_jit)
+def _combine(a, b, q):
+    """Fold two partials of quantity q: min for _Q_MIN, max for _Q_MAX, sum otherwise."""
+    if q == _Q_MIN:
+        return min(a, b)
+    if q == _Q_MAX:
+        return max(a, b)
+    return a + b
+
+
+@cuda.jit(device=True, **_jit)
+def _block_fold(sh, nq, channels_last, tile, lane, tx, part, c, channels, b):
+    """Fold each channel's lanes of sh[q, :] in a fixed order; lane 0 writes part[q, c, b].
+
+    Thread (lane, tx) must have stored its values in sh[q, t]; every thread of the block must call this (it holds
+    the block's two barriers).
+    """
+    lanes = THREADS_PER_BLOCK // tile
+    fan = min(LANE_FAN, lanes)
+    # slot of (lane, tx) is lane * ls + tx * ts, the thread index (see _reduce_coords)
+    ls = tile if channels_last else int64(1)
+    ts = int64(1) if channels_last else lanes
+    cuda.syncthreads()
+    # stage 1: lane l < fan folds lanes l, l + fan, l + 2*fan, ... (it alone reads and writes its own slot)
+    if lane < fan:
+        for q in range(nq):
+            acc = sh[q, lane * ls + tx * ts]
+            k = lane + fan
+            while k < lanes:
+                acc = _combine(acc, sh[q, k * ls + tx * ts], q)
+                k += fan
+            sh[q, lane * ls + tx * ts] = acc
+    cuda.syncthreads()
+    # stage 2: lane 0 folds lanes 0 .. fan-1 and writes the block's partial of its channel
+    if lane == 0 and c < channels:
+        for q in range(nq):
+            acc = sh[q, tx * ts]
+            for k in range(1, fan):
+                acc = _combine(acc, sh[q, k * ls + tx * ts], q)
+            part[q, c, b] = acc
+
+
+@cuda.jit(device=True, **_jit)
+def _fold_partials(part, q, c, n_part):
+    """Fold the n_part partials of channel c, quantity q, in block order."""
+    acc = part[q, c, 0]
+    for b in range(1, n_part):
+        acc = _combine(acc, part[q, c, b], q)
+    return acc
+
+
+# -- per-channel statistics -----------------------------------------------------------------------------------------
+@cuda.jit(**_jit)
+def stats_partials(x, channels_last, tile, n_part, with_range, part):
+    """part[:, c, b] = (sum(x - shift), sum((x - shift)^2)[, min x, max x]) over block b's rows of channel c."""
+    sh = cuda.shared.array((4, THREADS_PER_BLOCK), float64)
+    n_batch, channels, spatial = _dims(x.shape, channels_last)
+    lane, tx, c, b, n, s, dn, ds = _reduce_coords(channels_last, tile, n_part, spatial)
+    t = cuda.threadIdx.x  # this thread's shared-memory slot
+    s1 = 0.0
+    s2 = 0.0
+    lo = math.inf
+    hi = -math.inf
+    if c < channels and n < n_batch and spatial > 0:
+        # shift = first element of the channel: removes the cancellation of E[x^2] - E[x]^2 when |mean| >> std
+        shift = _load(x, 0, c, 0, channels_last)
+        while n < n_batch:
+            v = _load(x, n, c, s, channels_last)
+            d = v - shift
+            s1 += d
+            s2 += d * d
+            if with_range:
+                lo = min(lo, v)
+                hi = max(hi, v)
+            n, s = _advance2(n, s, dn, ds, spatial)
+    sh[0, t] = s1
+    sh[1, t] = s2
+    sh[_Q_MIN, t] = lo
+    sh[_Q_MAX, t] = hi
+    _block_fold(sh, 4 if with_range else 2, channels_last, tile, lane, tx, part, c, channels, b)
+
+
+@cuda.jit(**_jit)
+def stats_finalize(x, channels_last, part, n_part, with_range, mean, var, xmin, xmax):
+    """Fold the partials of each channel; mean = shift + s1/m, var = max(s2/m - (s1/m)^2, 0)."""
+    n_batch, channels, spatial = _dims(x.shape, channels_last)
+    count = n_batch * spatial
+    c, step = _thread_range()
+    while c < channels:
+        s1 = _fold_partials(part, 0, c, n_part)
+        s2 = _fold_partials(part, 1, c, n_part)
+        if count > 0:
+            d = s1 / count
+            mean[c] = _load(x, 0, c, 0, channels_last) + d
+            var[c] = max(s2 / count - d * d, 0.0)
+        else:
+            mean[c] = math.nan
+            var[c] = math.nan
+        if with_range:
+            xmin[c] = _fold_partials(part, _Q_MIN, c, n_part)
+            xmax[c] = _fold_partials(part, _Q_MAX, c, n_part)
+        c += step
+
+
+@cuda.jit(**_jit)
+def sums_finalize(part, n_part, scale_second, has_scale, first, second):
+    """first[c] = sum of partials 0; second[c] = sum of partials 1, times scale_second[c] if has_scale."""
+    channels = first.shape[0]
+    c, step = _thread_range()
+    while c < channels:
+        first[c] = _fold_partials(part, 0, c, n_part)
+        s = _fold_partials(part, 1, c, n_part)
+        second[c] = s * float64(scale_second[c]) if has_scale else s
+        c += step
+
+
+# -- normalize + activation (out may be x itself) -------------------------------------------------------------------
+@cuda.jit(**_jit)
+def normalize_act(x, out, channels_last, mean, scale, beta, kind, p):
+    """out = phi((x - mean) * scale + beta)."""
+    d0, d1, d2 = x.shape
+    i, step = _thread_range()
+    a0, a1, a2 = _split3(i, d1, d2)
+    b0, b1, b2 = _split3(step, d1, d2)
+    while a0 < d0:
+        c = a2 if channels_last else a1
+        y = (float64(x[a0, a1, a2]) - float64(mean[c])) * float64(scale[c]) + float64(beta[c])
+        out[a0, a1, a2] = _act_forward(y, kind, p)
+        a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)
+
+
+# -- backward reduction from the input x (y and xhat recomputed on the fly) ----------------------------------------
+@cuda.jit(**_jit)
+def reduce_from_input_partials(x, dz, channels_last, mean, scale, beta, kind, p, tile, n_part, part):
+    """part[:, c, b] = (sum(dy), sum(dy * (x - mean))) over block b's rows of channel c."""
+    sh = cuda.shared.array((2, THREADS_PER_BLOCK), float64)
+    n_batch, channels, spatial = _dims(x.shape, channels_last)
+    lane, tx, c, b, n, s, dn, ds = _reduce_coords(channels_last, tile, n_part, spatial)
+    t = cuda.threadIdx.x  # this thread's shared-memory slot
+    s_dy = 0.0
+    s_dyu = 0.0
+    if c < channels and spatial > 0:
+        m, a, bt = float64(mean[c]), float64(scale[c]), float64(beta[c])
+        while n < n_batch:
+            # u = x - mean, y = u * scale + beta, dy = dz * phi'(y)
+            u = _load(x, n, c, s, channels_last) - m
+            dy = _load(dz, n, c, s, channels_last) * _act_grad(u * a + bt, kind, p)
+            s_dy += dy
+            s_dyu += dy * u
+            n, s = _advance2(n, s, dn, ds, spatial)
+    sh[0, t] = s_dy
+    sh[1, t] = s_dyu
+    _block_fold(sh, 2, channels_last, tile, lane, tx, part, c, channels, b)
+
+
+# -- backward reduction from the output z (y = phi^-1(z); no xhat, no x) -------------------------------------------
+@cuda.jit(**_jit)
+def reduce_from_output_partials(z, dz, channels_last, beta, kind, p, tile, n_part, part):
+    """part[:, c, b] = (sum(dy), sum(dy * (y - beta))) over block b's rows of channel c, y = phi^-1(z)."""
+    sh = cuda.shared.array((2, THREADS_PER_BLOCK), float64)
+    n_batch, channels, spatial = _dims(z.shape, channels_last)
+    lane, tx, c, b, n, s, dn, ds = _reduce_coords(channels_last, tile, n_part, spatial)
+    t = cuda.threadIdx.x  # this thread's shared-memory slot
+    s_dy = 0.0
+    s_dyy = 0.0
+    if c < channels and spatial > 0:
+        bt = float64(beta[c])
+        while n < n_batch:
+            # y = phi^-1(z), g = phi'(y) from z, dy = dz * g
+            y, g = _act_inverse(_load(z, n, c, s, channels_last), kind, p)
+            dy = _load(dz, n, c, s, channels_last) * g
+            s_dy += dy
+            s_dyy += dy * (y - bt)
+            n, s = _advance2(n, s, dn, ds, spatial)
+    sh[0, t] = s_dy
+    sh[1, t] = s_dyy
+    _block_fold(sh, 2, channels_last, tile, lane, tx, part, c, channels, b)
+
+
+# -- dx from the input x (dx may be x or dz only if the caller accepts the overwrite) ------------------------------
+@cuda.jit(**_jit)
+def dx_from_input(x, dz, dx, channels_last, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const):
+    """dx = coef_dy * dz * phi'(y) + coef_u * (x - mean) + coef_const."""
+    d0, d1, d2 = x.shape
+    i, step = _thread_range()
+    a0, a1, a2 = _split3(i, d1, d2)
+    b0, b1, b2 = _split3(step, d1, d2)
+    while a0 < d0:
+        c = a2 if channels_last else a1
+        u = float64(x[a0, a1, a2]) - float64(mean[c])
+        dy = float64(dz[a0, a1, a2]) * _act_grad(u * float64(scale[c]) + float64(beta[c]), kind, p)
+        dx[a0, a1, a2] = float64(coef_dy[c]) * dy + float64(coef_u[c]) * u + float64(coef_const[c])
+        a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)
+
+
+# -- dx from the output z ------------------------------------------------------------------------------------------
+@cuda.jit(**_jit)
+def dx_from_output(z, dz, dx, channels_last, beta, kind, p, coef_dy, coef_u, coef_const):
+    """dx = coef_dy * dz * phi'(y) + coef_u * (y - beta) + coef_const, y = phi^-1(z)."""
+    d0, d1, d2 = z.shape
+    i, step = _thread_range()
+    a0, a1, a2 = _split3(i, d1, d2)
+    b0, b1, b2 = _split3(step, d1, d2)
+    while a0 < d0:
+        c = a2 if channels_last else a1
+        y, g = _act_inverse(float64(z[a0, a1, a2]), kind, p)
+        dx[a0, a1, a2] = float64(coef_dy[c]) * (float64(dz[a0, a1, a2]) * g) + float64(coef_u[c]) * (y - float64(
+            beta[c])) + float64(coef_const[c])
+        a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)

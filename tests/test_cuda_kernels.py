@@ -1,0 +1,481 @@
+"""The CUDA backend's primitives against plain float64 NumPy and against the CPU backend.
+
+Runs on a real GPU, or under Numba's CUDA simulator on a CPU-only machine (tests/conftest.py turns it on).  The
+simulator runs every CUDA thread as a Python thread, so each case stays at a few thousand elements and a few
+blocks; sizes straddle the launch geometry instead (THREADS_PER_BLOCK = 256 lanes per reduction block, 1024
+elements per elementwise block, channel tiles of 1..32).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from numba import cuda
+
+from ckptnorm import get_activation
+from ckptnorm._cuda import kernels
+from ckptnorm._cuda.backend import CUDABackend, _simulated
+from ckptnorm.backends import get_backend
+
+SIM = _simulated()
+BACKEND = CUDABackend()
+ACTS = [get_activation(n, p) for n, p in [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0), ("relu", None),
+                                          ("silu", None), ("gelu", None)]]
+ELU = get_activation("elu", 1.0)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- helpers ----------------------------------------------------------------------------------------------------------
+def to_layout(a_ncs, layout):
+    """Memory-order copy for the layout ("nsc" is (N, S, C)-contiguous)."""
+    return np.ascontiguousarray(a_ncs) if layout == "ncs" else np.ascontiguousarray(a_ncs.transpose(0, 2, 1))
+
+
+def to_ncs(a, layout):
+    return a if layout == "ncs" else a.transpose(0, 2, 1)
+
+
+def dev(a):
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+def host(a):
+    return a.copy_to_host()
+
+
+def make(shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dz = rng.standard_normal(shape).astype(dtype)
+    c = shape[1]
+    mean, invstd = rng.standard_normal(c), rng.uniform(0.5, 2, c)
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c)
+    return x, dz, mean, invstd, gamma, beta
+
+
+def coefs(c):
+    return np.linspace(0.5, 1.5, c), np.linspace(-0.1, 0.1, c), np.linspace(-1, 1, c)
+
+
+def tol(dtype):
+    return dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-6, atol=2e-6)
+
+
+def bc(v):
+    return v[None, :, None]  # per-channel broadcast in NCS
+
+
+def stride0(value, shape, dtype):
+    """A gradient with stride 0 in every dim (what ``z.sum().backward()`` hands over)."""
+    if SIM:
+        return np.broadcast_to(np.asarray(value, dtype), shape)  # the backend views NumPy arrays without copying
+    try:
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        base = cuda.to_device(np.full(1, value, dtype))
+        view = DeviceNDArray(shape, (0,) * len(shape), np.dtype(dtype), gpu_data=base.gpu_data)
+        view._keepalive = base
+        return view
+    except Exception as exc:  # real CUDA only: no way to build a stride-0 device array here
+        pytest.skip(f"cannot build a stride-0 device array with this numba-cuda: {exc}")
+
+
+def check_all(shape, dtype, layout, act, seed=0, dz_const=None):
+    """Every primitive of the CUDA backend against float64 NumPy on one input (``dz_const``: a stride-0 dz)."""
+    x, dz, mean, invstd, gamma, beta = make(shape, dtype, seed)
+    if dz_const is not None:
+        dz = np.full(shape, dz_const, dtype)
+    scale = gamma * invstd
+    x64, dz64 = x.astype(np.float64), dz.astype(np.float64)
+    u = x64 - bc(mean)
+    y = u * bc(scale) + bc(beta)
+    z_ref = act.forward(y)
+    dy = dz64 * act.derivative(y)
+    xl = to_layout(x, layout)
+    dzl = to_layout(dz, layout)
+    xd, dzd = dev(xl), (dev(dzl) if dz_const is None else stride0(dz_const, dzl.shape, dtype))
+    m_d, s_d, b_d, i_d = dev(mean), dev(scale), dev(beta), dev(invstd)
+    k_dy, k_u, k_0 = coefs(shape[1])
+    k_d = [dev(k) for k in (k_dy, k_u, k_0)]
+
+    out = cuda.device_array_like(xl)
+    BACKEND.normalize_act(xd, out, layout, m_d, s_d, b_d, act)
+    np.testing.assert_allclose(to_ncs(host(out), layout), z_ref, **tol(dtype))
+    inplace = dev(xl)
+    BACKEND.normalize_act(inplace, inplace, layout, m_d, s_d, b_d, act)  # output aliases input
+    np.testing.assert_array_equal(host(inplace), host(out))
+
+    s_dy, s_dyx = BACKEND.reduce_from_input(xd, dzd, layout, m_d, i_d, s_d, b_d, act)
+    np.testing.assert_allclose(host(s_dy), dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(host(s_dyx), (dy * u * bc(invstd)).sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+
+    dx = cuda.device_array_like(xl)
+    BACKEND.dx_from_input(xd, dzd, dx, layout, m_d, s_d, b_d, act, *k_d)
+    np.testing.assert_allclose(to_ncs(host(dx), layout), bc(k_dy) * dy + bc(k_u) * u + bc(k_0), **tol(dtype))
+
+    if act.invertible:
+        zd = dev(to_layout(z_ref, layout))  # z in float64: isolates the kernel from z's rounding
+        s_dy, s_dyy = BACKEND.reduce_from_output(zd, dzd, layout, b_d, act)
+        np.testing.assert_allclose(host(s_dy), dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(host(s_dyy), (dy * (y - bc(beta))).sum(axis=(0, 2)), rtol=1e-8, atol=1e-8)
+        dx = cuda.device_array(xl.shape, dtype)
+        BACKEND.dx_from_output(zd, dzd, dx, layout, b_d, act, *k_d)
+        want = bc(k_dy) * dy + bc(k_u) * (y - bc(beta)) + bc(k_0)
+        np.testing.assert_allclose(to_ncs(host(dx), layout), want, **tol(dtype))
+
+
+def check_stats(shape, dtype, layout, seed=0):
+    x, *_ = make(shape, dtype, seed)
+    mean, var, lo, hi = BACKEND.channel_stats(dev(to_layout(x, layout)), layout, with_range=True)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(host(mean), x64.mean(axis=(0, 2)), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(host(var), x64.var(axis=(0, 2)), rtol=1e-11, atol=1e-13)
+    np.testing.assert_array_equal(host(lo), x64.min(axis=(0, 2)))
+    np.testing.assert_array_equal(host(hi), x64.max(axis=(0, 2)))
+
+
+# -- import and compilation -------------------------------------------------------------------------------------------
+def _without_simulator():
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    return env
+
+
+def test_import_without_simulator_compiles_nothing():
+    """Importing the kernels needs no GPU, no driver and no simulator, and compiles nothing (lazy @cuda.jit)."""
+    code = textwrap.dedent("""
+        from ckptnorm._cuda import kernels
+        from ckptnorm._cuda.backend import CUDABackend, _simulated
+        assert not _simulated()
+        CUDABackend()
+        for name in ("stats_partials", "stats_finalize", "sums_finalize", "normalize_act",
+                     "reduce_from_input_partials", "reduce_from_output_partials", "dx_from_input", "dx_from_output"):
+            assert not getattr(kernels, name).overloads, name
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], check=False, env=_without_simulator(), cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def _libdevice():
+    roots = [os.environ.get(k) for k in ("CUDA_HOME", "CUDA_PATH")] + sorted(glob.glob("/usr/local/cuda*"))
+    for root in filter(None, roots):
+        found = sorted(glob.glob(os.path.join(root, "nvvm", "libdevice", "libdevice*.bc")))
+        if found:
+            return found[-1]
+    return None
+
+
+def test_kernels_compile_for_a_real_gpu():
+    """Every kernel type-checks and compiles to PTX for sm_90 (the simulator runs plain Python and checks neither).
+
+    Needs only NVVM and libdevice, not a GPU: the device query and NVRTC's architecture lookup are stubbed in a
+    subprocess.  Also checks the invariants visible in PTX: no atomics; barriers only in the partials kernels.
+    """
+    libdevice = _libdevice()
+    if libdevice is None:
+        pytest.skip("no CUDA toolkit with libdevice found (CUDA_HOME, /usr/local/cuda*)")
+    code = textwrap.dedent(rf"""
+        import re
+        import sys
+        from numba import cuda
+        from numba.cuda import boolean, float32, float64, int64
+        # Stubs of numba-cuda internals (no GPU here): if this numba-cuda lays them out differently, skip, since
+        # what is under test is our kernels, not the stubs.
+        try:
+            import numba.cuda.dispatcher as dispatcher
+            from numba.cuda.cudadrv import libs, nvrtc, nvvm
+            nvvm.NVVM()
+
+            class Device:
+                compute_capability = (9, 0)
+
+            dispatcher.get_current_device
+            nvrtc.get_arch_option
+            dispatcher.get_current_device = lambda: Device()
+            nvrtc.get_arch_option = lambda major, minor: f"compute_{{major}}{{minor}}"
+            for mod in (libs, nvvm):
+                mod.get_libdevice = lambda: {libdevice!r}
+                mod.open_libdevice = lambda: open({libdevice!r}, "rb").read()
+        except Exception as exc:
+            print("skip:", type(exc).__name__, exc)
+            sys.exit(0)
+
+        from ckptnorm._cuda import kernels as K
+        X, DZ, V, P = float32[:, :, ::1], float32[:, :, :], float64[:], float64[:, :, :]
+        sigs = {{
+            "stats_partials": (X, boolean, int64, int64, boolean, P),
+            "stats_finalize": (X, boolean, P, int64, boolean, V, V, V, V),
+            "sums_finalize": (P, int64, V, boolean, V, V),
+            "normalize_act": (X, X, boolean, V, V, V, int64, float64),
+            "reduce_from_input_partials": (X, DZ, boolean, V, V, V, int64, float64, int64, int64, P),
+            "reduce_from_output_partials": (X, DZ, boolean, V, int64, float64, int64, int64, P),
+            "dx_from_input": (X, DZ, X, boolean, V, V, V, int64, float64, V, V, V),
+            "dx_from_output": (X, DZ, X, boolean, V, int64, float64, V, V, V),
+        }}
+        for name, sig in sigs.items():
+            ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=(9, 0))
+            assert not re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", ptx, re.M), name  # no atomics
+            assert ("bar.sync" in ptx or "barrier" in ptx) == name.endswith("_partials"), name
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], check=False, env=_without_simulator(), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode == 0 and run.stdout.startswith("skip:"):
+        pytest.skip(f"NVVM not available: {run.stdout[5:].strip()}")
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+# -- launch geometry --------------------------------------------------------------------------------------------------
+def test_geometry_depends_on_shape_only_and_is_bounded():
+    T = kernels.THREADS_PER_BLOCK
+    assert kernels.elementwise_blocks(0) == 1 and kernels.elementwise_blocks(1) == 1
+    assert kernels.elementwise_blocks(T * kernels.ELEMENTWISE_ITEMS_PER_THREAD + 1) == 2
+    assert kernels.elementwise_blocks(10 ** 12) == kernels.ELEMENTWISE_MAX_BLOCKS
+    for rows in (1, 17, 129, 4096, 4097, 10 ** 5, 10 ** 9):
+        for channels in (1, 3, 17, 64, 2048):
+            for cl in (False, True):
+                tile, n_part, blocks = kernels.reduce_geometry(rows, channels, cl)
+                assert (tile, n_part, blocks) == kernels.reduce_geometry(rows, channels, cl)
+                assert tile & (tile - 1) == 0 and T // tile >= (8 if cl else 32)
+                assert 1 <= n_part <= kernels.REDUCE_MAX_PARTIALS
+                assert blocks == -(-channels // tile) * n_part
+                assert n_part == 1 or rows > (T // tile) * kernels.REDUCE_ITEMS_PER_THREAD * (n_part - 1)
+    assert kernels.reduce_geometry(17, 17, False)[0] == 8  # few rows: up to 8 channels per "ncs" block
+    assert kernels.reduce_geometry(257, 17, False)[0] == 1
+    assert kernels.reduce_geometry(5, 3, True)[0] == 4  # 3 channels: a tile of 4 in "nsc"
+    assert kernels.reduce_geometry(5, 100, True)[0] == 32
+
+
+# -- statistics -------------------------------------------------------------------------------------------------------
+# (N, C, S): rows N*S and channels around the block's 256 lanes, the channel tiles and the ncs tile thresholds
+STATS_SHAPES = [(1, 1, 1), (3, 1, 5), (1, 3, 16), (1, 17, 1), (2, 1, 64), (1, 3, 129), (1, 1, 257)]
+
+
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", STATS_SHAPES, ids=str)
+def test_channel_stats(shape, dtype, layout):
+    check_stats(shape, dtype, layout)
+
+
+def test_channel_stats_without_range_and_large_mean():
+    x = (1e4 + np.random.default_rng(0).standard_normal((2, 2, 600))).astype(np.float32)
+    mean, var, lo, hi = BACKEND.channel_stats(dev(x), "ncs")
+    assert lo is None and hi is None
+    np.testing.assert_allclose(host(mean), x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-13)
+    np.testing.assert_allclose(host(var), x.astype(np.float64).var(axis=(0, 2)), rtol=1e-9)  # no cancellation
+
+
+# -- every primitive --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_primitives_all_activations(dtype, layout, act):
+    check_all((2, 3, 37), dtype, layout, act, seed=1)
+
+
+# (N, C, S): totals around 1024 (one elementwise block), rows around the lanes, channel counts 1, 3, 17
+ODD_SHAPES = [(1, 1, 1), (1, 17, 1), (3, 1, 5), (1, 3, 16), (1, 17, 17), (1, 3, 127), (2, 1, 64), (1, 3, 129),
+              (1, 1, 257), (3, 17, 20), (2, 3, 171)]
+
+
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("shape", ODD_SHAPES, ids=str)
+def test_primitives_odd_sizes(shape, layout):
+    check_all(shape, np.float32, layout, ELU, seed=2)
+
+
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+def test_stride0_gradient(layout):
+    shape = (2, 3, 37)
+    check_all(shape, np.float32, layout, get_activation("leaky_relu", 0.1), seed=3, dz_const=0.75)
+
+
+@pytest.mark.parametrize("layout,shape", [("ncs", (0, 2, 5)), ("nsc", (3, 0, 2))], ids=str)
+def test_empty_batch(layout, shape):
+    """No rows: sums are 0, statistics NaN (0/0), the range empty (inf, -inf); elementwise kernels do nothing."""
+    x = cuda.device_array(shape, np.float32)
+    v = dev(np.ones(2))
+    mean, var, lo, hi = (host(a) for a in BACKEND.channel_stats(x, layout, with_range=True))
+    assert np.isnan(mean).all() and np.isnan(var).all() and (lo == np.inf).all() and (hi == -np.inf).all()
+    for sums in (BACKEND.reduce_from_input(x, x, layout, v, v, v, v, ELU),
+                 BACKEND.reduce_from_output(x, x, layout, v, ELU)):
+        assert [host(a).tolist() for a in sums] == [[0.0, 0.0], [0.0, 0.0]]
+    BACKEND.normalize_act(x, x, layout, v, v, v, ELU)
+    BACKEND.dx_from_output(x, x, x, layout, v, ELU, v, v, v)
+
+
+# -- several partials per channel, determinism -------------------------------------------------------------------------
+# rows beyond one block's minimum work: 4500 > 256 lanes * 16 ("ncs"), 1100 > 64 lanes * 16 ("nsc", tile of 4)
+PARTIAL_CASES = [("ncs", (1, 1, 4500)), ("nsc", (1, 3, 1100))]
+
+
+@pytest.mark.parametrize("layout,shape", PARTIAL_CASES, ids=str)
+def test_several_partials_per_channel_bitwise_deterministic(layout, shape):
+    rows = shape[0] * shape[2]
+    assert kernels.reduce_geometry(rows, shape[1], layout == "nsc")[1] >= 2
+    x, dz, mean, invstd, gamma, beta = make(shape, np.float32, seed=4)
+    scale = gamma * invstd
+    check_stats(shape, np.float32, layout, seed=4)
+    act = get_activation("silu")
+    xd, dzd = dev(to_layout(x, layout)), dev(to_layout(dz, layout))
+    args = (dev(mean), dev(invstd), dev(scale), dev(beta), act)
+
+    def run():
+        return [host(a) for a in BACKEND.channel_stats(xd, layout, True) + BACKEND.reduce_from_input(
+            xd, dzd, layout, *args) + BACKEND.reduce_from_output(xd, dzd, layout, args[3], ELU)]
+
+    first = run()
+    x64, dz64 = x.astype(np.float64), dz.astype(np.float64)
+    u = x64 - bc(mean)
+    dy = dz64 * act.derivative(u * bc(scale) + bc(beta))
+    np.testing.assert_allclose(first[4], dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(first[5], (dy * u * bc(invstd)).sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    y = ELU.inverse(x64)
+    dy = dz64 * ELU.derivative_from_output(x64)
+    np.testing.assert_allclose(first[6], dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(first[7], (dy * (y - bc(beta))).sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    again = run()
+    for a, b in zip(first, again):
+        assert a.tobytes() == b.tobytes()
+
+
+# -- against the CPU backend ------------------------------------------------------------------------------------------
+def _close(got, want, scale):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("act", [ACTS[1], ACTS[2], ACTS[5]], ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+def test_matches_cpu_backend(layout, act):
+    cpu = get_backend("cpu")
+    shape = (2, 5, 30)
+    x, dz, mean, invstd, gamma, beta = make(shape, np.float64, seed=5)
+    scale = gamma * invstd
+    xl, dzl = to_layout(x, layout), to_layout(dz, layout)
+    xd, dzd = dev(xl), dev(dzl)
+    m_d, i_d, s_d, b_d = dev(mean), dev(invstd), dev(scale), dev(beta)
+    ks = coefs(shape[1])
+    k_d = [dev(k) for k in ks]
+    big = float(np.abs(xl).sum())  # scale of the sums, for their absolute tolerance
+
+    for got, want in zip(BACKEND.channel_stats(xd, layout, True), cpu.channel_stats(xl, layout, True)):
+        _close(host(got), want, big)
+    z_cpu = np.empty_like(xl)
+    cpu.normalize_act(xl, z_cpu, layout, mean, scale, beta, act)
+    z = cuda.device_array_like(xl)
+    BACKEND.normalize_act(xd, z, layout, m_d, s_d, b_d, act)
+    _close(host(z), z_cpu, 1.0)
+    for got, want in zip(BACKEND.reduce_from_input(xd, dzd, layout, m_d, i_d, s_d, b_d, act),
+                         cpu.reduce_from_input(xl, dzl, layout, mean, invstd, scale, beta, act)):
+        _close(host(got), want, big)
+    dx_cpu = np.empty_like(xl)
+    cpu.dx_from_input(xl, dzl, dx_cpu, layout, mean, scale, beta, act, *ks)
+    dx = cuda.device_array_like(xl)
+    BACKEND.dx_from_input(xd, dzd, dx, layout, m_d, s_d, b_d, act, *k_d)
+    _close(host(dx), dx_cpu, 1.0)
+    if act.invertible:
+        zd = dev(z_cpu)
+        for got, want in zip(BACKEND.reduce_from_output(zd, dzd, layout, b_d, act),
+                             cpu.reduce_from_output(z_cpu, dzl, layout, beta, act)):
+            _close(host(got), want, big)
+        cpu.dx_from_output(z_cpu, dzl, dx_cpu, layout, beta, act, *ks)
+        BACKEND.dx_from_output(zd, dzd, dx, layout, b_d, act, *k_d)
+        _close(host(dx), dx_cpu, 1.0)
+
+
+def test_elu_inverse_clamp_matches_cpu():
+    """z rounded onto -alpha: y = phi^-1(z) stays finite, exactly as on the CPU."""
+    cpu = get_backend("cpu")
+    alpha = 0.5
+    act = get_activation("elu", alpha)
+    z = np.array([-alpha, -alpha, -0.3, 0.0, 1.5, -alpha * (1 - 1e-17)]).reshape(1, 6, 1)
+    dz = np.linspace(-1, 1, 6).reshape(1, 6, 1)
+    beta, ks = np.full(1, 0.1), [np.full(1, v) for v in (0.5, -0.2, 0.3)]
+    for got, want in zip(BACKEND.reduce_from_output(dev(z), dev(dz), "nsc", dev(beta), act),
+                         cpu.reduce_from_output(z, dz, "nsc", beta, act)):
+        assert np.isfinite(host(got)).all()
+        _close(host(got), want, 10.0)
+    dx_cpu, dx = np.empty_like(z), cuda.device_array_like(z)
+    cpu.dx_from_output(z, dz, dx_cpu, "nsc", beta, act, *ks)
+    BACKEND.dx_from_output(dev(z), dev(dz), dx, "nsc", dev(beta), act, *[dev(k) for k in ks])
+    assert np.isfinite(host(dx)).all()
+    _close(host(dx), dx_cpu, 10.0)
+
+
+# -- memory and streams -----------------------------------------------------------------------------------------------
+def test_every_buffer_comes_from_allocate_on_the_given_stream():
+    calls = []
+
+    def allocate(shape, dtype):
+        calls.append((tuple(shape), np.dtype(dtype)))
+        array = cuda.device_array(shape, dtype)
+        returned.append(array)
+        return array
+
+    returned = []
+    stream = cuda.stream()
+    backend = CUDABackend(allocate=allocate, stream=stream)
+    shape = (2, 3, 20)
+    x, dz, mean, invstd, gamma, beta = make(shape, np.float32, seed=6)
+    xd, dzd = dev(x), dev(dz)
+    per_channel = [dev(v) for v in (mean, invstd, gamma * invstd, beta)]
+
+    result = backend.channel_stats(xd, "ncs")
+    assert len(calls) == 3 and result[0] is returned[0] and result[1] is returned[1] and result[2:] == (None, None)
+    assert calls[:2] == [((3,), np.dtype(np.float64))] * 2 and calls[2][1] == np.float64  # + partials
+    calls.clear(), returned.clear()
+    result = backend.channel_stats(xd, "ncs", with_range=True)
+    assert len(calls) == 5 and all(r is a for r, a in zip(result, returned))
+    np.testing.assert_allclose(backend.to_host(result[0]), x.astype(np.float64).mean(axis=(0, 2)), rtol=1e-13)
+    calls.clear(), returned.clear()
+    result = backend.reduce_from_input(xd, dzd, "ncs", *per_channel, ELU)
+    assert len(calls) == 3 and result[0] is returned[0] and result[1] is returned[1]
+    calls.clear(), returned.clear()
+    result = backend.reduce_from_output(xd, dzd, "ncs", per_channel[3], ELU)
+    assert len(calls) == 3 and result[0] is returned[0] and result[1] is returned[1]
+    calls.clear()
+    out = cuda.device_array_like(x)
+    backend.normalize_act(xd, out, "ncs", per_channel[0], per_channel[2], per_channel[3], ELU)
+    backend.dx_from_input(xd, dzd, out, "ncs", per_channel[0], per_channel[2], per_channel[3], ELU, *per_channel[:3])
+    backend.dx_from_output(xd, dzd, out, "ncs", per_channel[3], ELU, *per_channel[:3])
+    assert calls == []  # elementwise primitives allocate nothing
+    stream.synchronize()
+
+
+def test_torch_allocator_and_tensor_inputs():
+    """What the PyTorch adapter does: results are the tensors its allocator made, inputs may be tensors
+    (CUDA tensors through __cuda_array_interface__; CPU tensors under the simulator)."""
+    device = "cuda" if torch.cuda.is_available() and not SIM else "cpu"
+    made = []
+
+    def allocate(shape, dtype):
+        made.append(torch.empty(shape, dtype=torch.float64 if np.dtype(dtype) == np.float64 else torch.float32,
+                                device=device))
+        return made[-1]
+
+    backend = CUDABackend(allocate=allocate)
+    shape = (2, 3, 20)
+    x, dz, _, _, _, beta = make(shape, np.float32, seed=7)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    xt, dzt = t(x), t(dz)
+    mean_t, var_t, _, _ = backend.channel_stats(xt, "ncs")
+    assert mean_t is made[0] and var_t is made[1] and isinstance(mean_t, torch.Tensor)
+    invstd_t = (var_t + 1e-5) ** -0.5  # per-channel arithmetic stays on the tensors
+    s_dy, s_dyx = backend.reduce_from_input(xt, dzt, "ncs", mean_t, invstd_t, invstd_t, t(beta), ELU)
+    x64 = x.astype(np.float64)
+    mu, inv = x64.mean(axis=(0, 2)), 1.0 / np.sqrt(x64.var(axis=(0, 2)) + 1e-5)
+    u = x64 - bc(mu)
+    dy = dz.astype(np.float64) * ELU.derivative(u * bc(inv) + bc(beta))
+    np.testing.assert_allclose(backend.to_host(s_dy), dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(s_dyx.cpu().numpy(), (dy * u * bc(inv)).sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    out = torch.empty_like(xt)
+    backend.normalize_act(xt, out, "ncs", mean_t, invstd_t, t(beta), ELU)
+    np.testing.assert_allclose(out.cpu().numpy(), ELU.forward(u * bc(inv) + bc(beta)), rtol=2e-6, atol=2e-6)
