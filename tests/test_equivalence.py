@@ -34,14 +34,16 @@ LAYOUTS = {  # name: (shape, module class, memory format)
     "3d": ((3, 5, 11), BatchNormAct1d, torch.contiguous_format),
     "5d": ((2, 5, 3, 4, 5), BatchNormAct3d, torch.contiguous_format),
 }
+# CUDA tensors too when a GPU is present (the CUDA kernels also run under the simulator in test_cuda_adapter.py).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL_F64 = 1e-10
 TOL_F32_VS_NATIVE = 1e-4
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
 
 def rel_err(a, ref):
-    a = np.asarray(a.detach().double() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
-    ref = np.asarray(ref.detach().double() if isinstance(ref, torch.Tensor) else ref, dtype=np.float64)
+    a = np.asarray(a.detach().double().cpu() if isinstance(a, torch.Tensor) else a, dtype=np.float64)
+    ref = np.asarray(ref.detach().double().cpu() if isinstance(ref, torch.Tensor) else ref, dtype=np.float64)
     scale = np.abs(ref).max() if ref.size else 0.0
     return float(np.abs(a - ref).max() / scale) if scale > 0 else float(np.abs(a - ref).max())
 
@@ -94,12 +96,13 @@ def native_module(cls, channels, kwargs, act, param):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("strategy,act,param", list(valid_cases()))
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.filterwarnings("ignore::ckptnorm.PrecisionFallbackWarning")
-def test_equivalence(strategy, act, param, dtype, layout, training, affine, track, momentum):
+def test_equivalence(strategy, act, param, dtype, layout, training, affine, track, momentum, device):
     seed = zlib.crc32(f"{strategy}{act}{layout}{training}{affine}{track}".encode())
     cls, x, gamma, beta, rmean, rvar, dz = make_case(layout, dtype, affine, seed)
     channels = x.shape[1]
-    kwargs = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype)
+    kwargs = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype, device=device)
     ours = cls(channels, activation=act, activation_param=param, strategy=strategy, **kwargs)
     bn, native = native_module(cls, channels, kwargs, act, param)
     with torch.no_grad():
@@ -114,10 +117,11 @@ def test_equivalence(strategy, act, param, dtype, layout, training, affine, trac
     ours.train(training)
     bn.train(training)
 
-    z, dx = run_module(ours, x, dz)
-    x_nat = x.clone().requires_grad_()
+    x_dev, dz_dev = x.to(device), dz.to(device)  # same strides (memory format) on the device
+    z, dx = run_module(ours, x_dev, dz_dev)
+    x_nat = x_dev.clone().requires_grad_()
     z_nat = native(x_nat)
-    z_nat.backward(dz)
+    z_nat.backward(dz_dev)
 
     # float64 reference on the same (rounded) inputs
     use_batch = training or not track
