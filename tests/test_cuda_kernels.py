@@ -18,6 +18,7 @@ import pytest
 import torch
 from numba import cuda
 
+from kernel_data import make, tol, to_layout, to_ncs
 from ckptnorm import get_activation
 from ckptnorm._cuda import kernels
 from ckptnorm._cuda.backend import CUDABackend, _simulated
@@ -32,13 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------------
-def to_layout(a_ncs, layout):
-    """Memory-order copy for the layout ("nsc" is (N, S, C)-contiguous)."""
-    return np.ascontiguousarray(a_ncs) if layout == "ncs" else np.ascontiguousarray(a_ncs.transpose(0, 2, 1))
 
 
-def to_ncs(a, layout):
-    return a if layout == "ncs" else a.transpose(0, 2, 1)
 
 
 def dev(a):
@@ -49,22 +45,12 @@ def host(a):
     return a.copy_to_host()
 
 
-def make(shape, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
-    dz = rng.standard_normal(shape).astype(dtype)
-    c = shape[1]
-    mean, invstd = rng.standard_normal(c), rng.uniform(0.5, 2, c)
-    gamma, beta = rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c)
-    return x, dz, mean, invstd, gamma, beta
 
 
 def coefs(c):
     return np.linspace(0.5, 1.5, c), np.linspace(-0.1, 0.1, c), np.linspace(-1, 1, c)
 
 
-def tol(dtype):
-    return dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-6, atol=2e-6)
 
 
 def bc(v):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from kernel_data import make, tol, to_layout, to_ncs
 from ckptnorm import get_activation
 from ckptnorm.backends import get_backend
 from ckptnorm.torch import BatchNormAct2d, batch_norm_act
@@ -16,27 +17,12 @@ ACTS = [get_activation(n, p) for n, p in [("identity", None), ("leaky_relu", 0.1
 SHAPES = [(1, 3, 2), (2, 1, 7), (3, 5, 85), (1, 17, 256), (2, 16, 257), (4, 15, 150)]
 
 
-def to_layout(a_ncs, layout):
-    """Memory-order view for the layout ("nsc" is an (N, S, C)-contiguous copy)."""
-    return np.ascontiguousarray(a_ncs) if layout == "ncs" else np.ascontiguousarray(a_ncs.transpose(0, 2, 1))
 
 
-def to_ncs(a, layout):
-    return a if layout == "ncs" else a.transpose(0, 2, 1)
 
 
-def make(shape, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
-    dz = rng.standard_normal(shape).astype(dtype)
-    c = shape[1]
-    mean, invstd = rng.standard_normal(c), rng.uniform(0.5, 2, c)
-    gamma, beta = rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c)
-    return x, dz, mean, invstd, gamma, beta
 
 
-def tol(dtype):
-    return dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("layout", ["ncs", "nsc"])
