@@ -1,10 +1,19 @@
-"""Command line: ``ckptnorm compare`` (also ``python -m ckptnorm``) -- the strategies side by side on one block."""
+"""Command line (also ``python -m ckptnorm``, which is ``ckptnorm compare``).
+
+``ckptnorm compare``: training steps of a model under each strategy, side by side (default: the built-in
+pre-activation ResNet; ``--model block`` is the single-block comparison).  ``ckptnorm plan --budget 0.6``: per-site
+strategies that minimize step time within a memory budget.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from .strategies import STRATEGY_NAMES, get_strategy
+
+_BLOCK_INPUT = (16, 32, 56, 56)
+_MODEL_INPUT = (8, 3, 64, 64)
 
 
 def _shape(text):
@@ -13,7 +22,7 @@ def _shape(text):
     except ValueError:
         dims = ()
     if len(dims) != 4 or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"expected NxCxHxW (e.g. 16x32x56x56), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected NxCxHxW (e.g. 8x3x64x64), got {text!r}")
     return dims
 
 
@@ -24,29 +33,105 @@ def _strategy(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _budget(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a fraction of standard's saved bytes (e.g. 0.6) or a number of "
+                                         f"bytes, got {text!r}")
+    return value if value <= 1 else int(value)
+
+
+def _model_name(text):
+    if text == "block":
+        return text
+    from .models import check_model_name
+    try:
+        check_model_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        tip = "" if "tip:" in message else f"; tip: {self.prog} --help"
+        self.exit(2, f"{self.prog}: error: {message}{tip}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="ckptnorm", description=__doc__)
+    parser = _Parser(prog="ckptnorm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
-    cmp = sub.add_parser("compare", help="saved bytes, step time and gradient error of each strategy on one block")
-    cmp.add_argument("--input", type=_shape, default=(16, 32, 56, 56), help="block input NxCxHxW (default 16x32x56x56)")
-    cmp.add_argument("--channels", type=int, default=64, help="channels of the BatchNormAct layer (default 64)")
-    cmp.add_argument("--activation", default="leaky_relu", help="activation of the layer (default leaky_relu)")
+    cmp = sub.add_parser("compare", help="saved bytes, peak memory, step time and gradient error of each strategy")
+    cmp.add_argument("--model", type=_model_name, default="preact_resnet",
+                     help="preact_resnet (default, built in), torchvision:NAME (needs torchvision), or block (one "
+                          "conv -> BatchNormAct2d -> conv block)")
+    cmp.add_argument("--input", type=_shape, default=None,
+                     help="input NxCxHxW (default 8x3x64x64; 16x32x56x56 for --model block)")
     cmp.add_argument("--strategies", nargs="+", type=_strategy, default=list(STRATEGY_NAMES))
-    cmp.add_argument("--repeats", type=int, default=7, help="timed steps per strategy; the median is shown")
+    cmp.add_argument("--repeats", type=_positive_int, default=None,
+                     help="timed steps per row; the median is shown (default 5; 7 for --model block)")
+    cmp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    cmp.add_argument("--plot", metavar="FILE", help="also write a PNG of memory vs time (needs matplotlib)")
+    cmp.add_argument("--no-progress", action="store_true", help="no progress bar (shown when tqdm is installed)")
+    cmp.add_argument("--channels", type=_positive_int, default=64, help="--model block: channels of the layer")
+    cmp.add_argument("--activation", default="leaky_relu", help="--model block: activation of the layer")
+    pln = sub.add_parser("plan", help="per-site strategies minimizing step time within a memory budget")
+    pln.add_argument("--budget", type=_budget, required=True,
+                     help="fraction of standard's saved-activation bytes (e.g. 0.6), or bytes if > 1")
+    pln.add_argument("--model", type=_model_name, default="preact_resnet",
+                     help="preact_resnet (default) or torchvision:NAME")
+    pln.add_argument("--input", type=_shape, default=_MODEL_INPUT, help="input NxCxHxW (default 8x3x64x64)")
+    pln.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per site and strategy")
+    pln.add_argument("--json", metavar="FILE", help="also write the plan as JSON (Plan.from_json reads it)")
     return parser
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command is None:
-        args = parser.parse_args(["compare"])
+def _write(parser, path, text):
     try:
-        import torch
-    except ImportError:
-        parser.exit(2, "ckptnorm: the comparison needs PyTorch; tip: pip install torch==2.13.0\n")
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    except OSError as exc:
+        parser.exit(2, f"ckptnorm: cannot write {path!r}: {exc.strerror}\n")
+
+
+def _build_model(parser, name, shape):
+    import torch
+    from .models import get_model
+    try:
+        torch.manual_seed(0)
+        model = get_model(name)
+        x = torch.randn(shape)
+        with torch.no_grad():
+            model.eval()(x)  # the input fits the model: checked before any measurement
+    except ValueError as exc:
+        parser.exit(2, f"{exc}\n" if str(exc).startswith("ckptnorm:") else
+                    f"ckptnorm: input {'x'.join(map(str, shape))} does not fit model {name!r}: "
+                    f"{str(exc).splitlines()[0]}\n")
+    except RuntimeError as exc:
+        parser.exit(2, f"ckptnorm: input {'x'.join(map(str, shape))} does not fit model {name!r}: "
+                       f"{str(exc).splitlines()[0]}; tip: use --input 8x3x64x64\n")
+    return model.train(), x
+
+
+def _compare_block(parser, args):
+    import torch
     from .activations import get_activation
     from .torch.compare import compare_block, format_table
+    shape, repeats = args.input or _BLOCK_INPUT, args.repeats or 7
     try:  # argument errors as one line, before any work
         act = get_activation(args.activation)
         for name in args.strategies:
@@ -55,13 +140,67 @@ def main(argv=None):
         parser.exit(2, f"{exc}\n")
     if "standard" not in args.strategies:
         args.strategies.insert(0, "standard")  # the baseline every ratio is against
-    results = compare_block(args.input, args.channels, args.strategies, args.repeats, args.activation)
-    title = (f"block: conv1x1({args.input[1]}->{args.channels}) -> BatchNormAct2d({args.channels}, {args.activation})"
-             f" -> conv1x1({args.channels}->{args.input[1]}), input {'x'.join(map(str, args.input))} float32, "
-             f"{torch.get_num_threads()} threads, median of {args.repeats} steps; saved = bytes kept for backward, "
+    results = compare_block(shape, args.channels, args.strategies, repeats, args.activation)
+    title = (f"block: conv1x1({shape[1]}->{args.channels}) -> BatchNormAct2d({args.channels}, {args.activation})"
+             f" -> conv1x1({args.channels}->{shape[1]}), input {'x'.join(map(str, shape))} float32, "
+             f"{torch.get_num_threads()} threads, median of {repeats} steps; saved = bytes kept for backward, "
              "block input and parameters excluded")
     print(format_table(results, title))
+    if args.json:
+        import json
+        from dataclasses import asdict
+        _write(parser, args.json, json.dumps({"model": "block", "rows": [asdict(r) for r in results]}, indent=2))
     return 0
+
+
+def _compare(parser, args):
+    if args.model == "block":
+        return _compare_block(parser, args)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.exit(2, "ckptnorm: --plot needs matplotlib, which is not installed; tip: pip install matplotlib, or "
+                       "use --json\n")
+    from .torch.compare import compare
+    model, x = _build_model(parser, args.model, args.input or _MODEL_INPUT)
+    result = compare(model, x, args.strategies, repeats=args.repeats or 5, progress=not args.no_progress,
+                     model_name=args.model)
+    print(result.table())
+    if args.json:
+        _write(parser, args.json, result.to_json())
+    if args.plot:
+        result.plot(args.plot)
+    return 0
+
+
+def _plan(parser, args):
+    if args.model == "block":
+        parser.exit(2, "ckptnorm: plan does not take --model block; tip: use preact_resnet or torchvision:NAME\n")
+    try:
+        from .torch.planner import plan
+    except ImportError:
+        parser.exit(2, "ckptnorm: the planner (ckptnorm.torch.planner) is not available in this version\n")
+    model, x = _build_model(parser, args.model, args.input)
+    try:
+        result = plan(model, x, args.budget, repeats=args.repeats)
+    except ValueError as exc:
+        parser.exit(2, f"{str(exc).splitlines()[0]}\n")
+    print(result)
+    if args.json:
+        _write(parser, args.json, result.to_json())
+    return 0
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        args = parser.parse_args(["compare"])
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        parser.exit(2, "ckptnorm: this command needs PyTorch; tip: pip install torch==2.13.0\n")
+    if args.command == "plan":
+        return _plan(parser, args)
+    return _compare(parser, args)
 
 
 if __name__ == "__main__":

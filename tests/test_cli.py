@@ -1,6 +1,8 @@
-"""The main job: ``ckptnorm compare`` on the built-in block."""
+"""The main job: ``ckptnorm compare`` (built-in pre-activation ResNet, or ``--model block``) and ``ckptnorm plan``."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 
@@ -9,9 +11,11 @@ import pytest
 from ckptnorm.__main__ import main
 from ckptnorm.torch.compare import compare_block
 
+ROWS = ("original", "standard", "checkpoint", "efficient_checkpoint", "inplace_abn", "torch_checkpoint")
 
-def test_compare_prints_every_strategy(capsys):
-    assert main(["compare", "--input", "2x4x8x8", "--channels", "8", "--repeats", "2"]) == 0
+
+def test_compare_block_prints_every_strategy(capsys):
+    assert main(["compare", "--model", "block", "--input", "2x4x8x8", "--channels", "8", "--repeats", "2"]) == 0
     out = capsys.readouterr().out
     for name in ("standard", "checkpoint", "efficient_checkpoint", "inplace_abn"):
         assert f"\n{name} " in out
@@ -28,14 +32,56 @@ def test_compare_saved_bytes_are_one_buffer_less():
     assert all(r.max_grad_error < 1e-5 for r in results.values())
 
 
+def test_compare_default_model_with_json(capsys, tmp_path):
+    path = tmp_path / "out.json"
+    assert main(["compare", "--input", "2x3x8x8", "--repeats", "1", "--json", str(path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("model preact_resnet, input 2x3x8x8 float32")
+    for name in ROWS:
+        assert f"\n{name} " in out
+    data = json.loads(path.read_text())
+    assert [r["name"] for r in data["rows"]] == list(ROWS)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "ckptnorm", *args], capture_output=True, text=True)
+
+
+NO_TORCHVISION = importlib.util.find_spec("torchvision") is None
+NO_MATPLOTLIB = importlib.util.find_spec("matplotlib") is None
+
+
 @pytest.mark.parametrize("args,message", [
     (["compare", "--input", "3x3"], "expected NxCxHxW"),
     (["compare", "--strategies", "fast"], "ckptnorm: unknown strategy 'fast'"),
     (["frobnicate"], "invalid choice"),
-    (["compare", "--activation", "tanh"], "ckptnorm: unknown activation 'tanh'"),
-    (["compare", "--activation", "relu", "--strategies", "inplace_abn"], "needs an invertible activation"),
+    (["compare", "--model", "block", "--activation", "tanh"], "ckptnorm: unknown activation 'tanh'"),
+    (["compare", "--model", "block", "--activation", "relu", "--strategies", "inplace_abn"],
+     "needs an invertible activation"),
+    (["compare", "--model", "resnet9000"], "ckptnorm: unknown model 'resnet9000'; tip:"),
+    (["compare", "--input", "2x1x8x8"], "ckptnorm: input 2x1x8x8 does not fit model 'preact_resnet'"),
+    (["compare", "--repeats", "0"], "expected a positive integer"),
+    (["plan"], "--budget"),
+    (["plan", "--budget", "-1"], "expected a fraction"),
+    pytest.param(["compare", "--model", "torchvision:resnet50"], "needs torchvision, which is not installed; tip:",
+                 marks=pytest.mark.skipif(not NO_TORCHVISION, reason="torchvision is installed")),
+    pytest.param(["compare", "--plot", "x.png"], "ckptnorm: --plot needs matplotlib",
+                 marks=pytest.mark.skipif(not NO_MATPLOTLIB, reason="matplotlib is installed")),
 ])
 def test_bad_arguments_are_one_line_errors(args, message):
-    out = subprocess.run([sys.executable, "-m", "ckptnorm", *args], capture_output=True, text=True)
+    out = _run(*args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ckptnorm.torch.planner") is None, reason="planner not available")
+def test_plan_prints_a_plan_and_writes_json(tmp_path):
+    path = tmp_path / "plan.json"
+    out = _run("plan", "--budget", "0.6", "--input", "2x3x8x8", "--repeats", "1", "--json", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() and path.read_text().strip()
+    from ckptnorm.torch.planner import Plan
+    assert str(Plan.from_json(path.read_text())).strip()
+    bad = _run("plan", "--budget", "0.0001", "--input", "2x3x8x8", "--repeats", "1")
+    assert bad.returncode == 2 and bad.stderr.startswith("ckptnorm: ") and "Traceback" not in bad.stderr

@@ -1,15 +1,42 @@
-"""Side-by-side comparison of the strategies on one block: saved bytes, step time, gradient error.
+"""Side-by-side comparison of the strategies: on a whole model (``compare``) or on one block (``compare_block``).
 
-The block is ``conv1x1 -> BatchNormAct2d -> conv1x1`` used as is (no wrapper), the unit the design note counts
-buffers for.  Saved bytes come from ``SavedTensorsCounter`` (exact, each storage once, parameters excluded);
-time is the median of repeated forward+backward steps, as a ratio to ``standard`` measured in the same run.
+``compare(model, example_inputs)`` runs whole training steps (forward, loss, backward; train mode; each row on its
+own deep copy of the model, so the caller's model is untouched) for:
+
+ - ``original``: the model as given (PyTorch's own BatchNorm and activation modules);
+ - each uniform strategy via ``convert(model, strategy)`` (sites that cannot take a strategy fall back as
+   ``convert`` reports; the row's note says how many);
+ - ``plan``: a ``Plan`` from ``ckptnorm.torch.planner.plan``, applied with ``plan.apply(model)``, when given;
+ - ``torch_checkpoint``: what users do today, ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``
+   around each residual block of the original model.  The blocks are the children of the model's top-level
+   ``nn.Sequential`` children (``layer1[0]``, ``layer1[1]``, ... in torchvision's ResNets and the built-in
+   ``preact_resnet``); a model without such stages gets each top-level child with parameters wrapped.
+
+Per row: ``saved_bytes``, the bytes kept for backward (``SavedTensorsCounter``: exact, each storage once, parameters
+and inputs excluded; for ``torch_checkpoint`` the block inputs that checkpoint keeps for its recomputation are
+added, since its own saved-tensor hooks hide the rest); the reduction vs ``standard``; ``peak_bytes``, the memory
+growth during one step (on CUDA exact: ``torch.cuda.max_memory_allocated`` minus what was allocated before; on CPU
+approximate: the process's resident set size from ``/proc/self/statm``, sampled during the step after returning
+freed heap memory to the OS, minus its value before; ``None`` where ``/proc`` is missing); the median step time and
+its ratio to ``standard`` measured in the same run; the largest normwise relative gradient error vs ``standard``
+(``||g - g_std|| / ||g_std||`` per parameter).
+
+The block of ``compare_block`` is ``conv1x1 -> BatchNormAct2d -> conv1x1`` used as is (no wrapper), the unit the
+design note counts buffers for.  Saved bytes come from ``SavedTensorsCounter`` (exact, each storage once,
+parameters excluded); time is the median of repeated forward+backward steps, as a ratio to ``standard`` measured in
+the same run.
 """
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
+import json
+import os
 import statistics
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -85,3 +112,320 @@ def format_table(results, title="") -> str:
                      f"{r.step_seconds * 1e3:9.1f} {r.step_seconds / base.step_seconds:10.2f}x "
                      f"{r.max_grad_error:9.1e}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- whole models
+
+DEFAULT_STRATEGIES = ("standard", "checkpoint", "efficient_checkpoint", "inplace_abn")
+
+
+@dataclass
+class Row:
+    """One line of a ``Comparison``.  ``name``: ``original``, a strategy name, ``plan`` or ``torch_checkpoint``."""
+
+    name: str
+    saved_bytes: int
+    peak_bytes: int | None
+    step_seconds: float
+    max_grad_error: float
+    note: str = ""
+    reduction: float = 0.0    # 1 - saved_bytes / standard's
+    time_ratio: float = 1.0   # step_seconds / standard's
+
+
+@dataclass
+class Comparison:
+    """What ``compare`` measured: ``rows`` (``Row``) and ``meta`` (model, input, device, threads, repeats)."""
+
+    rows: list
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, name) -> Row:
+        for r in self.rows:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def table(self) -> str:
+        m = self.meta
+        lines = [f"model {m.get('model', '?')}, input {m.get('input', '?')}, {m.get('device', '?')}, "
+                 f"{m.get('threads', '?')} threads, median of {m.get('repeats', '?')} training steps "
+                 "(forward + loss + backward)",
+                 f"{'row':20s} {'saved MiB':>10s} {'reduction':>10s} {'peak MiB':>9s} {'step ms':>9s} "
+                 f"{'time ratio':>11s} {'grad err':>9s}"]
+        for r in self.rows:
+            peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.2f}"
+            lines.append(f"{r.name:20s} {r.saved_bytes / 2**20:10.2f} {r.reduction:10.1%} {peak:>9s} "
+                         f"{r.step_seconds * 1e3:9.1f} {r.time_ratio:10.2f}x {r.max_grad_error:9.1e}")
+        lines.append("saved = bytes kept for backward (exact; parameters and inputs excluded); reduction and time "
+                     "ratio vs standard; grad err = max normwise relative error vs standard")
+        lines.append("peak = " + ("growth of torch.cuda.max_memory_allocated during one step" if m.get("device", "")
+                                  .startswith("cuda") else "growth of the process RSS during one step "
+                                  "(approximate: sampled, allocator-dependent)"))
+        lines.extend(f"  {r.name}: {r.note}" for r in self.rows if r.note)
+        return "\n".join(lines)
+
+    __str__ = table
+
+    def to_json(self) -> str:
+        return json.dumps({"meta": self.meta, "rows": [asdict(r) for r in self.rows]}, indent=2)
+
+    @classmethod
+    def from_json(cls, text) -> "Comparison":
+        data = json.loads(text)
+        return cls([Row(**r) for r in data["rows"]], data.get("meta", {}))
+
+    def plot(self, path) -> None:
+        """Write a PNG: step time (x) vs saved-activation memory (y), one labelled point per row."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError("ckptnorm: plot needs matplotlib, which is not installed; tip: pip install matplotlib"
+                              ", or use to_json() / --json instead") from None
+        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        for r in self.rows:
+            ax.scatter(r.step_seconds * 1e3, r.saved_bytes / 2**20)
+            ax.annotate(r.name, (r.step_seconds * 1e3, r.saved_bytes / 2**20), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
+        ax.set_xlabel("training step time (ms, median)")
+        ax.set_ylabel("saved activations (MiB)")
+        ax.set_title(f"{self.meta.get('model', '')} {self.meta.get('input', '')}".strip(), fontsize=9)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, format="png", dpi=100)
+        plt.close(fig)
+
+
+def _as_tuple(inputs):
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _loss(out):
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    if getattr(out, "logits", None) is not None:  # torchvision's GoogLeNet/Inception outputs in train mode
+        out = out.logits
+    if out.ndim == 2:  # classifier: cross-entropy against fixed pseudo-random labels
+        target = torch.arange(out.shape[0], device=out.device) * 7919 % out.shape[1]
+        return torch.nn.functional.cross_entropy(out.float(), target)
+    return out.float().square().mean()
+
+
+_active_counter = None  # the SavedTensorsCounter of the step being measured, for torch_checkpoint's block inputs
+
+
+def _checkpoint_forward(inner):
+    def forward(*args, **kwargs):
+        counter = _active_counter
+        if counter is not None:
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    storage = a.untyped_storage()
+                    if storage.data_ptr() not in counter._excluded:
+                        counter.storages[storage.data_ptr()] = storage.nbytes()
+        return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+    return forward
+
+
+def checkpoint_blocks(model):
+    """Wrap blocks of ``model`` (in place) in non-reentrant ``torch.utils.checkpoint``; return their names.
+
+    The blocks are the children of the model's top-level ``nn.Sequential`` children; without any, each top-level
+    child with parameters.  Module names and state_dict keys do not change (the blocks' ``forward`` is wrapped).
+    """
+    import torch.utils.checkpoint  # noqa: F401
+    blocks = [(f"{n}.{b}", m) for n, stage in model.named_children() if isinstance(stage, torch.nn.Sequential)
+              for b, m in stage.named_children()]
+    if not blocks:
+        blocks = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+    for _, m in blocks:
+        m.forward = _checkpoint_forward(m.forward)
+    return [n for n, _ in blocks]
+
+
+def _rss():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _malloc_trim():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _step(model, inputs, probe=None):
+    model.zero_grad(set_to_none=True)
+    loss = _loss(model(*inputs))
+    if probe is not None:
+        probe()
+    loss.backward()
+
+
+def _peak(model, inputs, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        _step(model, inputs)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    _malloc_trim()
+    base = _rss()
+    if base is None:
+        return None
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.0005)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        _step(model, inputs, probe=lambda: peak.__setitem__(0, max(peak[0], _rss())))
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss()) - base
+
+
+def _param_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grad_error(grads, reference):
+    worst = 0.0
+    for n, r in reference.items():
+        g = grads.get(n)
+        if g is None:
+            return float("inf")
+        diff = float((g.double() - r.double()).norm())
+        scale = float(r.double().norm())
+        worst = max(worst, diff / scale if scale > 0 else diff)
+    return worst
+
+
+def _note(report):
+    total = len(report)
+    applied = sum(d.applied is not None for d in report)
+    fallback = sum(d.applied is not None and d.requested is not None and d.applied != d.requested for d in report)
+    text = f"{applied} of {total} sites converted"
+    if fallback:
+        text += f", {fallback} fell back to efficient_checkpoint"
+    return text
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="ckptnorm compare", unit="step", leave=False)
+
+
+def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, repeats=5, progress=True,
+            include_original=True, include_torch_checkpoint=True, model_name=None) -> Comparison:
+    """Measure training steps of ``model`` on ``example_inputs`` under each strategy; see the module docstring.
+
+    ``standard`` is always measured (first: it is the baseline) even if not listed.  ``plan``: a ``Plan`` whose
+    ``apply(model)`` gives the planned model (row ``plan``).  ``repeats``: timed steps per row (median shown).
+    ``progress``: a tqdm progress bar on stderr when tqdm is installed.  The caller's model is not modified.
+    """
+    from ..strategies import get_strategy
+    from .convert import convert
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"ckptnorm: compare needs an nn.Module, got {type(model).__name__}; tip: pass the model")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"ckptnorm: repeats must be a positive int, got {repeats!r}; tip: use repeats=5")
+    names = [get_strategy(s).name for s in strategies]
+    names = ["standard"] + [n for n in dict.fromkeys(names) if n != "standard"]
+    inputs = _as_tuple(example_inputs)
+    device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+
+    variants = []  # (row name, builder () -> (model, note))
+    if include_original:
+        variants.append(("original", lambda: (copy.deepcopy(model), "the model as given (PyTorch's BN + act)")))
+    for n in names:
+        def build(n=n):
+            converted = convert(model, n)
+            return converted, _note(converted.ckptnorm_report)
+        variants.append((n, build))
+    if plan is not None:
+        def build_plan():
+            planned = plan.apply(model)
+            report = getattr(planned, "ckptnorm_report", None)
+            return planned, ("per-site strategies of the plan" if report is None else _note(report))
+        variants.append(("plan", build_plan))
+    if include_torch_checkpoint:
+        def build_ckpt():
+            wrapped = copy.deepcopy(model)
+            blocks = checkpoint_blocks(wrapped)
+            shown = ", ".join(blocks[:3]) + (", ..." if len(blocks) > 3 else "")
+            return wrapped, f"torch.utils.checkpoint (non-reentrant) around {len(blocks)} blocks ({shown})"
+        variants.append(("torch_checkpoint", build_ckpt))
+
+    bar = _progress(len(variants) * (repeats + 3), progress)
+    global _active_counter
+    rows, reference = [], None
+    measured = {}
+    try:
+        for name, build in variants:
+            if bar is not None:
+                bar.set_postfix_str(name)
+            m, note = build()
+            m.train()
+            _step(m, inputs)  # warm-up (kernel compilation, allocator); its gradients are compared
+            grads = _param_grads(m)
+            if bar is not None:
+                bar.update()
+            m.zero_grad(set_to_none=True)
+            with SavedTensorsCounter(exclude=[m, *[t for t in inputs if isinstance(t, torch.Tensor)]]) as counter:
+                _active_counter = counter
+                try:
+                    loss = _loss(m(*inputs))
+                finally:
+                    _active_counter = None
+            loss.backward()
+            del loss
+            if bar is not None:
+                bar.update()
+            peak = _peak(m, inputs, device)
+            if bar is not None:
+                bar.update()
+            times = []
+            for _ in range(repeats):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                _step(m, inputs)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+                if bar is not None:
+                    bar.update()
+            measured[name] = (counter.saved_bytes, peak, statistics.median(times), grads, note)
+            del m
+    finally:
+        if bar is not None:
+            bar.close()
+    reference = measured["standard"][3]
+    std_saved, std_time = measured["standard"][0], measured["standard"][2]
+    for name, (saved, peak, seconds, grads, note) in measured.items():
+        rows.append(Row(name, saved, peak, seconds, _grad_error(grads, reference), note,
+                        1.0 - saved / std_saved if std_saved else 0.0, seconds / std_time))
+    shape = "x".join(str(d) for d in inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else "?"
+    meta = {"model": model_name or type(model).__name__, "input": f"{shape} {str(inputs[0].dtype)[6:]}",
+            "device": str(device), "threads": torch.get_num_threads(), "repeats": repeats,
+            "torch": torch.__version__}
+    return Comparison(rows, meta)

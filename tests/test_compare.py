@@ -1,0 +1,138 @@
+"""``compare`` on a whole model and the built-in models (issue 4, point 4)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ckptnorm.models import check_model_name, get_model, preact_resnet  # noqa: E402
+from ckptnorm.torch.compare import Comparison, checkpoint_blocks, compare  # noqa: E402
+
+ROWS = ("original", "standard", "checkpoint", "efficient_checkpoint", "inplace_abn", "torch_checkpoint")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = preact_resnet(depth=8, width=4)
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = compare(model, x, repeats=1, progress=False, model_name="tiny")
+    return model, before, result
+
+
+def test_every_row_with_its_measurements(tiny):
+    _, _, result = tiny
+    assert [r.name for r in result.rows] == list(ROWS)
+    std = result["standard"]
+    assert std.reduction == 0.0 and std.time_ratio == 1.0 and std.max_grad_error == 0.0
+    for r in result.rows:
+        assert r.saved_bytes > 0 and r.step_seconds > 0
+        assert r.peak_bytes is None or r.peak_bytes >= 0
+        assert r.time_ratio == pytest.approx(r.step_seconds / std.step_seconds)
+        assert r.reduction == pytest.approx(1 - r.saved_bytes / std.saved_bytes)
+
+
+def test_memory_strategies_save_and_gradients_agree(tiny):
+    _, _, result = tiny
+    std = result["standard"].saved_bytes
+    for name in ("checkpoint", "efficient_checkpoint", "inplace_abn", "torch_checkpoint"):
+        assert result[name].saved_bytes < 0.75 * std, name
+    for r in result.rows:
+        assert r.max_grad_error < 1e-4, r.name
+    assert "7 of 7 sites converted" in result["inplace_abn"].note
+    assert "around 3 blocks (layer1.0, layer2.0, layer3.0)" in result["torch_checkpoint"].note
+
+
+def test_callers_model_is_untouched(tiny):
+    model, before, _ = tiny
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(type(m).__name__ != "BatchNormAct2d" for m in model.modules())
+
+
+def test_table_and_json_round_trip(tiny):
+    _, _, result = tiny
+    table = result.table()
+    assert str(result) == table and "saved MiB" in table and "time ratio" in table and "model tiny" in table
+    for name in ROWS:
+        assert f"\n{name} " in table
+    data = json.loads(result.to_json())
+    assert [r["name"] for r in data["rows"]] == list(ROWS)
+    assert data["meta"]["input"] == "2x3x8x8 float32" and data["meta"]["repeats"] == 1
+    back = Comparison.from_json(result.to_json())
+    assert back.rows == result.rows and back.meta == result.meta
+
+
+def test_plot_png_or_one_line_error(tiny, tmp_path):
+    _, _, result = tiny
+    path = tmp_path / "c.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(ImportError, match=r"^ckptnorm: plot needs matplotlib.*tip: pip install matplotlib") as e:
+            result.plot(path)
+        assert "\n" not in str(e.value)
+    else:
+        result.plot(path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plan_row_and_subset_of_strategies():
+    class FakePlan:  # the Plan protocol compare uses: apply(model) -> model
+        def apply(self, model):
+            from ckptnorm.torch import convert
+            return convert(model, {"layer1.*": "inplace_abn", "*": "efficient_checkpoint"})
+
+    torch.manual_seed(0)
+    model = preact_resnet(depth=8, width=4)
+    result = compare(model, torch.randn(2, 3, 8, 8), ["inplace_abn"], plan=FakePlan(), repeats=1, progress=False,
+                     include_original=False, include_torch_checkpoint=False)
+    assert [r.name for r in result.rows] == ["standard", "inplace_abn", "plan"]
+    assert result["plan"].saved_bytes < result["standard"].saved_bytes and result["plan"].max_grad_error < 1e-4
+
+
+def test_fallback_is_noted():
+    torch.manual_seed(0)
+    result = compare(preact_resnet(depth=8, width=2, activation="relu"), torch.randn(2, 3, 8, 8), ["inplace_abn"],
+                     repeats=1, progress=False, include_original=False, include_torch_checkpoint=False)
+    assert result["inplace_abn"].note == "7 of 7 sites converted, 7 fell back to efficient_checkpoint"
+    assert result["inplace_abn"].max_grad_error < 1e-4
+
+
+def test_checkpoint_blocks_keeps_names_and_wraps_top_level_children_without_stages():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    keys = list(model.state_dict())
+    assert checkpoint_blocks(model) == ["0", "2"]
+    assert list(model.state_dict()) == keys
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="^ckptnorm: unknown strategy"):
+        compare(preact_resnet(depth=8, width=2), torch.randn(1, 3, 4, 4), ["fast"], progress=False)
+    with pytest.raises(ValueError, match="^ckptnorm: repeats"):
+        compare(preact_resnet(depth=8, width=2), torch.randn(1, 3, 4, 4), repeats=0, progress=False)
+
+
+def test_models():
+    model = get_model()
+    assert sum(p.numel() for p in model.parameters()) < 300_000
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.BatchNorm2d in kinds and torch.nn.LeakyReLU in kinds
+    assert get_model("preact_resnet", depth=20, num_classes=3)(torch.randn(1, 3, 8, 8)).shape == (1, 3)
+    for bad in ({"depth": 10}, {"width": 0}, {"activation": "tanh"}):
+        with pytest.raises(ValueError, match="^ckptnorm: preact_resnet"):
+            preact_resnet(**bad)
+    with pytest.raises(ValueError, match="^ckptnorm: unknown model 'resnet50'; tip: .*torchvision:resnet50"):
+        check_model_name("resnet50")
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(ValueError, match="^ckptnorm: model 'torchvision:resnet18' needs torchvision.*tip: pip"):
+            get_model("torchvision:resnet18")
+    else:
+        assert get_model("torchvision:resnet18") is not None
