@@ -19,6 +19,7 @@ device for CUDA tensors; the strategies only use arithmetic operators on them.
 from __future__ import annotations
 
 import contextvars
+import math
 
 import numpy as np
 import torch
@@ -66,10 +67,10 @@ def _shape3(t: torch.Tensor, layout: str):
         return tp, (sizes[0], 1, sizes[1]), (strides[0], 0, strides[1])
     if layout == "ncs":
         merged = _merged_stride(sizes[2:], strides[2:])
-        shape3, strides3 = (sizes[0], sizes[1], int(np.prod(sizes[2:]))), (strides[0], strides[1], merged)
+        shape3, strides3 = (sizes[0], sizes[1], math.prod(sizes[2:])), (strides[0], strides[1], merged)
     else:
         merged = _merged_stride(sizes[1:-1], strides[1:-1])
-        shape3, strides3 = (sizes[0], int(np.prod(sizes[1:-1])), sizes[-1]), (strides[0], merged, strides[-1])
+        shape3, strides3 = (sizes[0], math.prod(sizes[1:-1]), sizes[-1]), (strides[0], merged, strides[-1])
     return None if merged is None else (tp, shape3, strides3)
 
 
@@ -79,6 +80,8 @@ def _view3(t: torch.Tensor, layout: str):
         return None
     tp, shape3, strides3 = found
     if t.device.type == "cpu":
+        if tp.is_contiguous():  # x, z, dx and most gradients: a plain reshape, cheaper than as_strided
+            return tp.numpy().reshape(shape3)
         item = tp.element_size()
         return as_strided(tp.numpy(), shape3, tuple(s * item for s in strides3))
     if t.device.type == "cuda":
@@ -112,7 +115,7 @@ def channel_values(t, channels: int, default: float, device: torch.device):
     if device.type == "cpu":
         if t is None:
             return np.full(channels, default)
-        return t.detach().to(torch.float64).cpu().numpy().copy()
+        return t.detach().numpy().astype(np.float64)  # a copy, whatever the dtype
     if t is None:
         return torch.full((channels,), default, dtype=torch.float64, device=device)
     return t.detach().to(torch.float64, copy=True)
