@@ -435,3 +435,19 @@ def test_functional_activation_forms_and_unused_state():
             torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-12, msg=name)
     model.eval(), conv.eval()
     torch.testing.assert_close(conv(x), model(x), rtol=1e-6, atol=0)
+
+
+def test_callable_sees_input_shapes_when_example_inputs_are_given():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    seen = {}
+
+    def choose(site):
+        seen[site.name] = site.input_shape
+        return "efficient_checkpoint"
+
+    convert(model, choose, example_inputs=torch.randn(2, 3, 5, 6))
+    assert set(seen) == {"1", "4"}
+    assert all(tuple(shape) == (2, 4, 5, 6) for shape in seen.values())
+    convert(model, choose)
+    assert all(shape is None for shape in seen.values())

@@ -179,7 +179,7 @@ def _decide(site, requested, inplace, strict):
     return applied, use_inplace, "; ".join(notes)
 
 
-def convert(model: nn.Module, strategy, *, inplace="auto", strict=False):
+def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example_inputs=None):
     """Return a converted deep copy of ``model``; its ``ckptnorm_report`` tells what happened at each site.
 
     ``strategy``: a strategy name (every site); a dict of glob patterns on the BN modules' qualified names -> name
@@ -188,7 +188,8 @@ def convert(model: nn.Module, strategy, *, inplace="auto", strict=False):
     ``inplace``: ``"auto"`` writes z over x only for inplace_abn sites whose BN input the graph proves has no other
     reader; ``True`` asks for it everywhere inplace_abn applies (still never where the input may have other readers:
     recorded); ``False`` never.  ``strict``: a site that cannot take its requested strategy raises ``ValueError``
-    instead of falling back to ``efficient_checkpoint``.
+    instead of falling back to ``efficient_checkpoint``.  ``example_inputs``: when given, each ``Site`` handed to a
+    callable ``strategy`` knows its input shape (one shape-propagation run, in eval mode, without gradients).
 
     Eval outputs and training gradients equal the original's (up to the kernels' rounding).  Forward hooks
     registered on the replaced BN modules and on removed activation calls do not carry over.
@@ -199,7 +200,7 @@ def convert(model: nn.Module, strategy, *, inplace="auto", strict=False):
         raise ValueError(f"ckptnorm: inplace must be 'auto', True or False, got {inplace!r}; tip: use 'auto'")
     resolve = _resolver(strategy)
     work = copy.deepcopy(model)
-    gm, sites = discover(work)
+    gm, sites = discover(work, example_inputs)
     report = ConversionReport()
     planned = []
     for site in sites:
