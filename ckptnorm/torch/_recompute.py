@@ -33,6 +33,14 @@ _registry: dict = {}              # data_ptr of a live z -> Recipe
 _thread_state = threading.local()  # .live: registered outputs z of this thread still alive
 
 
+def _modified_in_place(what, version, expected) -> RuntimeError:
+    """The error autograd raises for a saved tensor changed in place (it skips that check while hooks are set)."""
+    return RuntimeError(
+        f"ckptnorm: one of the variables needed for gradient computation has been modified by an inplace operation: "
+        f"{what} is at version {version}; expected version {expected} instead. tip: find the in-place op (e.g. "
+        f"with torch.autograd.set_detect_anomaly(True)) and make it out of place")
+
+
 class Recipe:
     """How to recompute one output z from its input x (what a consumer keeps instead of z)."""
 
@@ -61,10 +69,7 @@ class Recipe:
     def materialize(self) -> torch.Tensor:
         z = self.z_ref()
         if z is not None and z._version != self.z_version:  # what autograd would say had z itself been kept
-            raise RuntimeError(
-                f"ckptnorm: one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: the output of a BatchNormAct layer is at version {z._version}; expected version "
-                f"{self.z_version} instead. tip: make the in-place op on that output out of place")
+            raise _modified_in_place("the output of a BatchNormAct layer", z._version, self.z_version)
         if self.x._version != self.x_version:
             raise RuntimeError(
                 "ckptnorm: the input of a BatchNormAct layer was modified in place after its forward, so its output "
@@ -104,11 +109,8 @@ class Kept:
 
     def materialize(self) -> torch.Tensor:
         if self.tensor._version != self.version:
-            raise RuntimeError(
-                f"ckptnorm: one of the variables needed for gradient computation has been modified by an inplace "
-                f"operation: a tensor of shape {tuple(self.tensor.shape)} is at version {self.tensor._version}; "
-                f"expected version {self.version} instead. tip: find the in-place op (e.g. with "
-                f"torch.autograd.set_detect_anomaly(True)) and make it out of place")
+            raise _modified_in_place(f"a tensor of shape {tuple(self.tensor.shape)}", self.tensor._version,
+                                     self.version)
         return self.tensor
 
 
