@@ -77,8 +77,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command")
     cmp = sub.add_parser("compare", help="saved bytes, peak memory, step time and gradient error of each strategy")
     cmp.add_argument("--model", type=_model_name, default="preact_resnet",
-                     help="preact_resnet (default, built in), torchvision:NAME (needs torchvision), or block (one "
-                          "conv -> BatchNormAct2d -> conv block)")
+                     help="preact_resnet (default, built in), postact_resnet (built in, with residual sites), "
+                          "torchvision:NAME (needs torchvision), or block (one conv -> BatchNormAct2d -> conv block)")
     cmp.add_argument("--input", type=_shape, default=None,
                      help="input NxCxHxW (default 8x3x64x64; 16x32x56x56 for --model block)")
     cmp.add_argument("--strategies", nargs="+", type=_strategy, default=list(STRATEGY_NAMES))
@@ -93,7 +93,7 @@ def build_parser():
     pln.add_argument("--budget", type=_budget, required=True,
                      help="fraction of standard's saved-activation bytes (e.g. 0.6), or bytes if > 1")
     pln.add_argument("--model", type=_model_name, default="preact_resnet",
-                     help="preact_resnet (default) or torchvision:NAME")
+                     help="preact_resnet (default), postact_resnet or torchvision:NAME")
     pln.add_argument("--input", type=_shape, default=_MODEL_INPUT, help="input NxCxHxW (default 8x3x64x64)")
     pln.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per site and strategy")
     pln.add_argument("--json", metavar="FILE", help="also write the plan as JSON (Plan.from_json reads it)")

@@ -2,8 +2,11 @@
 
 ``preact_resnet`` is a small pre-activation ResNet (He et al., "Identity Mappings in Deep Residual Networks") with
 LeakyReLU, like the networks of the In-Place ABN paper, built from plain ``nn.BatchNorm2d`` and activation modules
-so that ``ckptnorm.torch.convert`` finds its BN + activation sites.  ``get_model("torchvision:NAME")`` builds
-torchvision's model NAME with random weights when torchvision (an optional dependency) is installed.
+so that ``ckptnorm.torch.convert`` finds its BN + activation sites.  ``postact_resnet`` is its post-activation
+twin (the original ResNet block, ``BN -> add -> act`` at the end of each block, projection shortcuts with a BN):
+its residual sites are where ``inplace_abn`` differs from ``efficient_checkpoint``.
+``get_model("torchvision:NAME")`` builds torchvision's model NAME with random weights when torchvision (an optional
+dependency) is installed.
 
 This module imports PyTorch lazily: ``import ckptnorm.models`` works without it (building a model does not).
 """
@@ -11,10 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["preact_resnet", "get_model", "check_model_name", "MODEL_NAMES", "DEFAULT_MODEL"]
+__all__ = ["preact_resnet", "postact_resnet", "get_model", "check_model_name", "MODEL_NAMES", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "preact_resnet"
-MODEL_NAMES = ("preact_resnet", "torchvision:NAME")
+MODEL_NAMES = ("preact_resnet", "postact_resnet", "torchvision:NAME")
 _ACTIVATIONS = ("leaky_relu", "relu", "elu")
 
 
@@ -29,7 +32,7 @@ def _activation(name, param):
 
 def _classes():
     """The module classes, defined on first use (they need torch)."""
-    global _PreActBlock, _PreActResNet
+    global _PreActBlock, _PreActResNet, _PostActResNet
     if "_PreActResNet" in globals():
         return _PreActBlock, _PreActResNet
     from torch import nn
@@ -78,7 +81,51 @@ def _classes():
             x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
             return self.fc(self.pool(self.act(self.bn(x))).flatten(1))
 
-    _PreActBlock, _PreActResNet = PreActBlock, PreActResNet
+    class PostActBlock(nn.Module):
+        """``conv3x3 -> BN -> act -> conv3x3 -> BN -> + shortcut -> act``; the shortcut is the identity, or a
+        strided ``conv1x1 -> BN`` projection when the shape changes."""
+
+        def __init__(self, in_channels, channels, stride, activation, activation_param):
+            super().__init__()
+            self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(channels)
+            self.act1 = _activation(activation, activation_param)
+            self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(channels)
+            self.act2 = _activation(activation, activation_param)
+            self.shortcut = None
+            if stride != 1 or in_channels != channels:
+                self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                              nn.BatchNorm2d(channels))
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+            return self.act2(out + (x if self.shortcut is None else self.shortcut(x)))
+
+    class PostActResNet(nn.Module):
+        """``conv3x3 -> BN -> act stem -> layer1..layer3 (nn.Sequential of PostActBlock) -> pool -> fc``."""
+
+        def __init__(self, blocks, width, num_classes, activation, activation_param):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            self.act1 = _activation(activation, activation_param)
+            channels, stages = width, []
+            for stage in range(3):
+                out = width * 2 ** stage
+                stages.append(nn.Sequential(*(
+                    PostActBlock(channels if i == 0 else out, out, 2 if stage and i == 0 else 1, activation,
+                                 activation_param) for i in range(blocks))))
+                channels = out
+            self.layer1, self.layer2, self.layer3 = stages
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(channels, num_classes)
+
+        def forward(self, x):
+            x = self.act1(self.bn1(self.conv1(x)))
+            return self.fc(self.pool(self.layer3(self.layer2(self.layer1(x)))).flatten(1))
+
+    _PreActBlock, _PreActResNet, _PostActResNet = PreActBlock, PreActResNet, PostActResNet
     return PreActBlock, PreActResNet
 
 
@@ -89,21 +136,33 @@ def preact_resnet(depth=14, width=16, num_classes=10, activation="leaky_relu", a
     The default (depth 14, width 16, 0.17 M parameters) runs a training step on 8x3x64x64 in a fraction of a second on
     2 CPU cores.  ``activation``: ``"leaky_relu"`` (slope ``activation_param``), ``"relu"`` or ``"elu"``.
     """
-    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"ckptnorm: preact_resnet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth!r}; "
-                         "tip: use depth=14")
-    if not isinstance(width, int) or width < 1:
-        raise ValueError(f"ckptnorm: preact_resnet width must be a positive int, got {width!r}; tip: use width=16")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"ckptnorm: preact_resnet activation must be one of {', '.join(_ACTIVATIONS)}, got "
-                         f"{activation!r}; tip: use 'leaky_relu'")
+    _check_args("preact_resnet", depth, width, activation)
     _, resnet = _classes()
     return resnet((depth - 2) // 6, width, num_classes, activation, activation_param)
 
 
+def _check_args(model, depth, width, activation):
+    if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"ckptnorm: {model} depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth!r}; "
+                         "tip: use depth=14")
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"ckptnorm: {model} width must be a positive int, got {width!r}; tip: use width=16")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"ckptnorm: {model} activation must be one of {', '.join(_ACTIVATIONS)}, got "
+                         f"{activation!r}; tip: use 'leaky_relu'")
+
+
+def postact_resnet(depth=14, width=16, num_classes=10, activation="leaky_relu", activation_param=0.01):
+    """The post-activation twin of ``preact_resnet`` (same depths, widths and arguments): every block ends with a
+    residual site ``BN -> add -> act``."""
+    _check_args("postact_resnet", depth, width, activation)
+    _classes()
+    return _PostActResNet((depth - 2) // 6, width, num_classes, activation, activation_param)
+
+
 def check_model_name(name: str) -> None:
     """Raise a one-line ``ValueError`` if ``get_model(name)`` cannot work (checked without building anything)."""
-    if name == "preact_resnet":
+    if name in ("preact_resnet", "postact_resnet"):
         return
     if name.startswith("torchvision:") and name[len("torchvision:"):]:
         if importlib.util.find_spec("torchvision") is None:
@@ -115,11 +174,14 @@ def check_model_name(name: str) -> None:
 
 
 def get_model(name: str = DEFAULT_MODEL, **kwargs):
-    """Build a model by name: ``"preact_resnet"`` (``kwargs`` go to ``preact_resnet``) or ``"torchvision:NAME"``
+    """Build a model by name: ``"preact_resnet"``, ``"postact_resnet"`` (``kwargs`` go to the builder) or
+    ``"torchvision:NAME"``
     (torchvision's ``models.get_model(NAME, weights=None, **kwargs)``).  Raises a one-line ``ValueError``."""
     check_model_name(name)
     if name == "preact_resnet":
         return preact_resnet(**kwargs)
+    if name == "postact_resnet":
+        return postact_resnet(**kwargs)
     import torchvision
     arch = name[len("torchvision:"):]
     try:

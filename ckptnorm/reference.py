@@ -9,6 +9,9 @@ exactly what that strategy keeps:
 * checkpoint: x only, statistics recomputed;
 * inplace_abn: z and 1/sigma only, y = phi^-1(z), the xhat-free formulas of the design note.
 
+With ``residual`` r (a residual site, z = phi(y + r)) every strategy also keeps r, phi' is taken at y + r, the
+inverse path uses y = phi^-1(z) - r, and ``backward`` returns the residual's gradient dr = dy as a fourth value.
+
 In exact arithmetic all four give the same gradient; in float64 they agree to ~1e-12 (see tests), which checks
 the derivation in ../shared/design/strategies.md independently of any kernel.
 """
@@ -48,7 +51,8 @@ def _affine(weight, bias, channels):
 
 
 def forward(x, running_mean=None, running_var=None, weight=None, bias=None, *, training=True, momentum=0.1,
-            eps=1e-5, activation="identity", activation_param=None, num_batches_tracked=0, strategy="standard"):
+            eps=1e-5, activation="identity", activation_param=None, num_batches_tracked=0, strategy="standard",
+            residual=None):
     """Forward of BatchNorm + activation in float64.  Returns a ``ReferenceForward`` (inputs are not modified)."""
     act = activation if isinstance(activation, Activation) else get_activation(activation, activation_param)
     x = np.asarray(x, dtype=np.float64)
@@ -71,7 +75,8 @@ def forward(x, running_mean=None, running_var=None, weight=None, bias=None, *, t
         mean, var = new_mean, new_var
     invstd = 1.0 / np.sqrt(var + eps)
     y = _per_channel(gamma, x) * (x - _per_channel(mean, x)) * _per_channel(invstd, x) + _per_channel(beta, x)
-    z = act.forward(y)
+    r = None if residual is None else np.broadcast_to(np.asarray(residual, dtype=np.float64), x.shape)
+    z = act.forward(y if r is None else y + r)
     name = get_strategy(strategy).name
     kept = {
         "standard": {"x": x, "mean": mean, "invstd": invstd},
@@ -79,12 +84,15 @@ def forward(x, running_mean=None, running_var=None, weight=None, bias=None, *, t
         "checkpoint": {"x": x} if use_batch_stats else {"x": x, "mean": mean, "invstd": invstd},
         "inplace_abn": {"z": z, "invstd": invstd},
     }[name]
+    if r is not None:
+        kept = dict(kept, residual=r)
     return ReferenceForward(z, mean, invstd, new_mean, new_var, nbt if track else None, kept)
 
 
 def backward(dz, fwd: ReferenceForward, weight=None, bias=None, *, training=True, eps=1e-5,
              activation="identity", activation_param=None, strategy="standard"):
-    """Return (dx, dgamma, dbeta) in float64 from what ``strategy`` kept in ``fwd.kept``.
+    """Return (dx, dgamma, dbeta) in float64 from what ``strategy`` kept in ``fwd.kept`` (and dres last at a
+    residual site).
 
     ``training`` must be the mode of the forward that made the statistics (batch statistics when True).
     """
@@ -96,6 +104,13 @@ def backward(dz, fwd: ReferenceForward, weight=None, bias=None, *, training=True
     g, b = _per_channel(gamma, ref), _per_channel(beta, ref)
     m = ref.size // ref.shape[1]
     axes = _axes(ref)
+    r = kept.get("residual")
+    grads = _backward(dz, kept, act, g, b, gamma, m, axes, training, eps, 0.0 if r is None else r)
+    return grads[:3] if r is None else grads
+
+
+def _backward(dz, kept, act, g, b, gamma, m, axes, training, eps, r):
+    """(dx, dgamma, dbeta, dy) with phi' taken at y + r."""
     if "x" in kept:
         x = kept["x"]
         if "mean" in kept:
@@ -103,7 +118,7 @@ def backward(dz, fwd: ReferenceForward, weight=None, bias=None, *, training=True
         else:  # checkpoint: recompute the batch statistics from x
             mean, invstd = x.mean(axis=axes), 1.0 / np.sqrt(x.var(axis=axes) + eps)
         xhat = (x - _per_channel(mean, x)) * _per_channel(invstd, x)
-        dy = dz * act.derivative(g * xhat + b)
+        dy = dz * act.derivative(g * xhat + b + r)
         dbeta = dy.sum(axis=axes)
         dgamma = (dy * xhat).sum(axis=axes)
         inv = _per_channel(invstd, x)
@@ -111,10 +126,10 @@ def backward(dz, fwd: ReferenceForward, weight=None, bias=None, *, training=True
             dx = g * inv * (dy - _per_channel(dbeta, x) / m - xhat * _per_channel(dgamma, x) / m)
         else:
             dx = g * inv * dy
-        return dx, dgamma, dbeta
+        return dx, dgamma, dbeta, dy
     # inplace_abn: from z and 1/sigma only
     z, invstd = kept["z"], kept["invstd"]
-    y = act.inverse(z)
+    y = act.inverse(z) - r
     dy = dz * act.derivative_from_output(z)
     dbeta = dy.sum(axis=axes)
     s = (dy * (y - b)).sum(axis=axes)
@@ -124,4 +139,4 @@ def backward(dz, fwd: ReferenceForward, weight=None, bias=None, *, training=True
         dx = g * inv * (dy - _per_channel(dbeta, z) / m) - (y - b) * inv * _per_channel(s, z) / (g * m)
     else:
         dx = g * inv * dy
-    return dx, dgamma, dbeta
+    return dx, dgamma, dbeta, dy

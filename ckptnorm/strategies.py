@@ -8,6 +8,10 @@ Math (one channel, m elements; derivation in ../shared/design/strategies.md):
               dx = gamma * invstd * (dy - dbeta / m - xhat * dgamma / m)         (eval: dx = gamma * invstd * dy)
     from z    with S = sum(dy * (y - beta)):  dgamma = S / gamma,
               dx = gamma * invstd * (dy - dbeta / m) - (y - beta) * invstd * S / (gamma * m)
+    residual  z = phi(y + r) (end of a post-activation residual block): phi' is taken at y + r, from z
+              y = phi^-1(z) - r, and the residual's gradient is dr = dy.  Every strategy keeps r (the block's
+              input, which its first conv keeps anyway), and z is never re-materialized: it is the next block's
+              residual, so recomputing it would need that block's input too, and so on down the network.
 
 A strategy decides what is kept between forward and backward and which of the two backward paths runs.  It is
 framework-agnostic: arrays are NumPy views handed over by an adapter (``ckptnorm.torch``), and every pass over the
@@ -43,7 +47,7 @@ class ForwardPlan:
     invstd: np.ndarray
     var: "np.ndarray | None"       # batch variance (training only)
     count: int                     # m: elements per channel
-    keep: tuple                    # names among "x", "z", "mean", "invstd", in saving order
+    keep: tuple                    # names among "x", "z", "mean", "invstd", "residual", in saving order
     fallback_reason: str = ""      # why inplace_abn keeps x this call ("" when it does not)
     scale: np.ndarray = field(init=False)
 
@@ -74,23 +78,26 @@ def updated_running_stats(running_mean, running_var, mean, var, count, factor):
     return (1.0 - factor) * running_mean + factor * mean, (1.0 - factor) * running_var + factor * unbiased
 
 
-def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count):
-    """Reduce then write dx, both recomputing y from x.  Returns (dgamma, dbeta) as float64."""
+def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count, residual=None,
+                        dres=None):
+    """Reduce then write dx (and dres = dy when given), both recomputing y from x.  Returns (dgamma, dbeta)."""
     scale = gamma * invstd
-    sum_dy, sum_dy_xhat = backend.reduce_from_input(x, dz, layout, mean, invstd, scale, beta, act)
+    sum_dy, sum_dy_xhat = backend.reduce_from_input(x, dz, layout, mean, invstd, scale, beta, act, residual)
     if dx is not None:
         if training:
             coef_u = -scale * invstd * sum_dy_xhat / count
             coef_const = -scale * sum_dy / count
         else:
             coef_u = coef_const = scale * 0.0
-        backend.dx_from_input(x, dz, dx, layout, mean, scale, beta, act, scale, coef_u, coef_const)
+        backend.dx_from_input(x, dz, dx, layout, mean, scale, beta, act, scale, coef_u, coef_const, residual, dres)
     return sum_dy_xhat, sum_dy
 
 
-def backward_from_output(backend, z, dz, dx, layout, invstd, gamma, beta, act, training, count):
-    """Reduce then write dx from z alone (y = phi^-1(z), no xhat).  Returns (dgamma, dbeta) as float64."""
-    sum_dy, sum_dy_ybeta = backend.reduce_from_output(z, dz, layout, beta, act)
+def backward_from_output(backend, z, dz, dx, layout, invstd, gamma, beta, act, training, count, residual=None,
+                         dres=None):
+    """Reduce then write dx (and dres = dy when given) from z (y = phi^-1(z) [- r], no xhat).  Returns (dgamma,
+    dbeta) as float64."""
+    sum_dy, sum_dy_ybeta = backend.reduce_from_output(z, dz, layout, beta, act, residual)
     if dx is not None:
         scale = gamma * invstd
         if training:
@@ -98,7 +105,7 @@ def backward_from_output(backend, z, dz, dx, layout, invstd, gamma, beta, act, t
             coef_const = -scale * sum_dy / count
         else:
             coef_u = coef_const = scale * 0.0
-        backend.dx_from_output(z, dz, dx, layout, beta, act, scale, coef_u, coef_const)
+        backend.dx_from_output(z, dz, dx, layout, beta, act, scale, coef_u, coef_const, residual, dres)
     return sum_dy_ybeta / gamma, sum_dy
 
 
@@ -118,10 +125,11 @@ class Strategy:
                 f"ckptnorm: strategy {self.name!r} needs an invertible activation, got {act.describe()}; tip: use "
                 "identity, leaky_relu with slope > 0 or elu with alpha > 0, or strategy='efficient_checkpoint'")
 
-    def plan(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var):
+    def plan(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var, residual=None):
         """Compute the statistics for this call and decide what to keep.  Does not touch running stats.
 
         Per-channel arguments are float64 arrays of the backend's kind (running ones only used in eval mode).
+        ``residual``: the r of a residual site z = phi(BN(x) + r) (then "residual" is kept too), or None.
         """
         count = elements_per_channel(x.shape, layout)
         xmin = xmax = None
@@ -129,29 +137,34 @@ class Strategy:
             mean, var, invstd, xmin, xmax = batch_statistics(backend, x, layout, eps, self.needs_input_range(act))
         else:
             mean, var, invstd = running_mean, None, (running_var + eps) ** -0.5
-        keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax)
+        keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual)
+        if residual is not None:
+            keep = keep + ("residual",)
         plan = ForwardPlan(mean, invstd, var, count, keep, reason)
         plan.set_affine(gamma)
         return plan
 
-    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax):
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual):
         return self.keeps, ""
 
     def needs_input_range(self, act) -> bool:
         """Whether ``_keep`` needs the per-channel min/max of x (computed with the statistics in training)."""
         return False
 
-    def backward(self, backend, saved, dz, dx, layout, gamma, beta, act, training, eps, count):
-        """``saved`` maps the names in ``plan.keep`` to arrays.  Writes dx (if not None); returns (dgamma, dbeta)."""
+    def backward(self, backend, saved, dz, dx, layout, gamma, beta, act, training, eps, count, dres=None):
+        """``saved`` maps the names in ``plan.keep`` to arrays.  Writes dx (if not None) and, at a residual site,
+        the residual's gradient into ``dres`` (if not None; needs dx); returns (dgamma, dbeta)."""
+        residual = saved.get("residual")
         if "z" in saved and "x" not in saved:
             return backward_from_output(backend, saved["z"], dz, dx, layout, saved["invstd"], gamma, beta, act,
-                                        training, count)
+                                        training, count, residual, dres)
         x = saved["x"]
         if "mean" in saved:
             mean, invstd = saved["mean"], saved["invstd"]
         else:  # checkpoint: recompute the statistics (a full reduction pass over x)
             mean, _, invstd, _, _ = batch_statistics(backend, x, layout, eps)
-        return backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count)
+        return backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count,
+                                   residual, dres)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -173,7 +186,7 @@ class Checkpoint(Strategy):
     recomputes = ("mean", "var", "y", "z")
     rematerializes_output = True
 
-    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax):
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual):
         # Eval mode has no batch statistics to recompute; the running ones are per-channel, so keep them.
         return (("x",) if training else ("x", "mean", "invstd")), ""
 
@@ -196,7 +209,9 @@ class InplaceABN(Strategy):
     loss of at most ``MAX_LOST_BITS`` = 5 bits (error <= 32 u, below the accumulation error of an fp32 reduction
     over a few thousand elements); a call where some channel would lose more -- |gamma| < |beta| / 31, gamma = 0,
     or with ELU a pre-activation below -ln(32) = -3.47 -- keeps x too (as efficient_checkpoint does), for that
-    call only, and warns with ``PrecisionFallbackWarning``.
+    call only, and warns with ``PrecisionFallbackWarning``.  At a residual site y = phi^-1(z) - r also carries
+    r's rounding, u * |r|: the check uses |beta| + max|r| in place of |beta|, and the ELU bound adds min(r); r's
+    range costs one extra read of r per forward (only at residual sites).
     """
 
     name = "inplace_abn"
@@ -206,8 +221,8 @@ class InplaceABN(Strategy):
     may_overwrite_input = True
     MAX_LOST_BITS = 5
 
-    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax):
-        reason = self.fallback_reason(backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax)
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual):
+        reason = self.fallback_reason(backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax, residual)
         if reason:
             warnings.warn(f"ckptnorm: inplace_abn keeps x for this call: {reason}", PrecisionFallbackWarning,
                           stacklevel=4)
@@ -217,24 +232,30 @@ class InplaceABN(Strategy):
     def needs_input_range(self, act) -> bool:
         return act.name == "elu"
 
-    def fallback_reason(self, backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax) -> str:
+    def fallback_reason(self, backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax, residual=None) -> str:
         """Why this call must keep x ("" if z suffices).  Reads per-channel values on the host: on a device backend
         this is one small synchronizing copy per forward, the price of never returning a wrong gradient."""
         host = backend.to_host if backend is not None else np.asarray
         gamma, beta = host(gamma), host(beta)
         budget = 2.0 ** self.MAX_LOST_BITS
+        rmin = rabs = 0.0
+        if residual is not None:
+            _, _, rmin, rmax = backend.channel_stats(residual, layout, with_range=True)
+            rmin, rmax = host(rmin), host(rmax)
+            rabs = np.maximum(np.abs(rmin), np.abs(rmax))
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.abs(beta) / np.abs(gamma)
-        bad = ~(np.abs(gamma) > 0) | ~np.isfinite(gamma) | (ratio + 1.0 > budget)
+            ratio = (np.abs(beta) + rabs) / np.abs(gamma)
+        bad = ~(np.abs(gamma) > 0) | ~np.isfinite(gamma) | ~(ratio + 1.0 <= budget)
         if bad.any():
             c = int(np.flatnonzero(bad)[0])
-            return (f"channel {c} has gamma={gamma[c]:.3g}, beta={beta[c]:.3g}; dgamma = S / gamma would lose more "
+            what = f"beta={beta[c]:.3g}" + ("" if residual is None else f", max|residual|={np.ravel(rabs)[c]:.3g}")
+            return (f"channel {c} has gamma={gamma[c]:.3g}, {what}; dgamma = S / gamma would lose more "
                     f"than {self.MAX_LOST_BITS} bits")
         if act.name == "elu":
             if xmin is None:  # eval mode: the range of x is needed for this check only
                 _, _, xmin, xmax = backend.channel_stats(x, layout, with_range=True)
             mean, invstd, xmin, xmax = host(mean), host(invstd), host(xmin), host(xmax)
-            lo = np.minimum(gamma * (xmin - mean) * invstd, gamma * (xmax - mean) * invstd) + beta
+            lo = np.minimum(gamma * (xmin - mean) * invstd, gamma * (xmax - mean) * invstd) + beta + rmin
             floor = -math.log(budget)
             if (lo < floor).any():
                 c = int(np.argmin(lo))

@@ -9,6 +9,10 @@ Memory: every buffer the backend needs -- per-channel results and the float64 re
 allocator); the per-channel results are returned as the very objects ``allocate`` gave.  Default allocator:
 ``numba.cuda.device_array``.
 
+Residual sites: ``residual`` (read, any strides) and ``dres`` (written) are views of the activation's shape; without
+them a kernel gets ``has_residual``/``has_dres`` False and one of its other arrays as a stand-in that it never
+touches (numba-cuda cannot launch a kernel with a None argument), so the plain path loads and compiles nothing new.
+
 Streams: every launch goes on ``stream`` (a numba stream, or 0 for the default stream).  No primitive waits for the
 device; only ``to_host`` (a small per-channel copy) does.  Kernels compile lazily, once per argument-type signature.
 """
@@ -68,6 +72,17 @@ class CUDABackend(Backend):
         raise TypeError(f"ckptnorm: the CUDA backend needs device arrays, got {type(a).__name__}; tip: pass numba "
                         "device arrays or objects with __cuda_array_interface__ (CUDA tensors)")
 
+    def _optional(self, a, stand_in, like, what):
+        """``(kernel argument, flag)`` for an optional activation-sized operand: ``a`` viewed, after a shape check
+        against ``like``, or ``stand_in`` (never touched by the kernel) when ``a`` is None."""
+        if a is None:
+            return stand_in, False
+        ak = self._arg(a)
+        if tuple(ak.shape) != tuple(like.shape):
+            raise ValueError(f"ckptnorm: {what} has shape {tuple(ak.shape)}, the activation {tuple(like.shape)}; "
+                             "tip: pass it in the activation's memory order (an expanded view is fine)")
+        return ak, True
+
     def _launch(self, kernel, blocks, *args):
         kernel[blocks, kernels.THREADS_PER_BLOCK, self.stream](*args)
 
@@ -98,28 +113,30 @@ class CUDABackend(Backend):
                      xk, cl, part, n_part, with_range, mean_k, var_k, lo_k, hi_k)
         return mean, var, xmin, xmax
 
-    def normalize_act(self, x, out, layout, mean, scale, beta, act):
+    def normalize_act(self, x, out, layout, mean, scale, beta, act, residual=None):
         cl = _channels_last(layout)
         xk = self._arg(x)
+        rk, has_r = self._optional(residual, xk, xk, "residual")
         total = int(np.prod(xk.shape))
         if total == 0:
             return
         self._launch(kernels.normalize_act, kernels.elementwise_blocks(total), xk, self._arg(out), cl,
-                     self._arg(mean), self._arg(scale), self._arg(beta), act.kernel_code, float(act.param))
+                     self._arg(mean), self._arg(scale), self._arg(beta), act.kernel_code, float(act.param), rk, has_r)
 
-    def _sums(self, partials_kernel, x, dz, layout, args, scale_second):
-        """Per-channel (sum 0, sum 1) from ``partials_kernel(x, dz, channels_last, *args, ...)`` and the finalize
-        kernel; sum 1 is multiplied by ``scale_second`` (per channel) unless it is None."""
+    def _sums(self, partials_kernel, x, dz, layout, args, residual, scale_second):
+        """Per-channel (sum 0, sum 1) from ``partials_kernel(x, dz, channels_last, *args, residual, has_residual,
+        ...)`` and the finalize kernel; sum 1 is multiplied by ``scale_second`` (per channel) unless it is None."""
         cl = _channels_last(layout)
-        xk = self._arg(x)
+        xk, dzk = self._arg(x), self._arg(dz)
+        rk, has_r = self._optional(residual, dzk, xk, "residual")  # stand-in: dz, the same type as most residuals
         n_batch, channels, spatial = self._dims(xk.shape, cl)
         tile, n_part, blocks = kernels.reduce_geometry(n_batch * spatial, channels, cl)
         first, second = self._allocate((channels,), np.float64), self._allocate((channels,), np.float64)
         if channels == 0:
             return first, second
         part = self._arg(self._allocate((2, channels, n_part), np.float64))
-        self._launch(partials_kernel, blocks, xk, self._arg(dz), cl, *(self._arg(a) for a in args[:-2]),
-                     *args[-2:], tile, n_part, part)
+        self._launch(partials_kernel, blocks, xk, dzk, cl, *(self._arg(a) for a in args[:-2]), *args[-2:], rk, has_r,
+                     tile, n_part, part)
         first_k, second_k = self._arg(first), self._arg(second)
         has_scale = scale_second is not None
         scale_k = self._arg(scale_second) if has_scale else first_k  # never read without has_scale
@@ -127,34 +144,43 @@ class CUDABackend(Backend):
                      part, n_part, scale_k, has_scale, first_k, second_k)
         return first, second
 
-    def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act):
+    def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act, residual=None):
         return self._sums(kernels.reduce_from_input_partials, x, dz, layout,
-                          (mean, scale, beta, act.kernel_code, float(act.param)), invstd)
+                          (mean, scale, beta, act.kernel_code, float(act.param)), residual, invstd)
 
-    def reduce_from_output(self, z, dz, layout, beta, act):
+    def reduce_from_output(self, z, dz, layout, beta, act, residual=None):
         return self._sums(kernels.reduce_from_output_partials, z, dz, layout,
-                          (beta, act.kernel_code, float(act.param)), None)
+                          (beta, act.kernel_code, float(act.param)), residual, None)
 
-    def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const):
+    def _dx_operands(self, xk, dz, dx, residual, dres):
+        """Kernel arguments ``dz, dx, residual, has_residual, dres, has_dres`` of the dx kernels (stand-ins: dz for
+        the residual, dx for dres -- their usual types)."""
+        dzk, dxk = self._arg(dz), self._arg(dx)
+        return (dzk, dxk, *self._optional(residual, dzk, xk, "residual"), *self._optional(dres, dxk, xk, "dres"))
+
+    def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const, residual=None,
+                      dres=None):
         cl = _channels_last(layout)
         xk = self._arg(x)
+        dzk, dxk, rk, has_r, dresk, has_dres = self._dx_operands(xk, dz, dx, residual, dres)
         total = int(np.prod(xk.shape))
         if total == 0:
             return
         self._launch(kernels.dx_from_input, kernels.elementwise_blocks(total),
-                     xk, self._arg(dz), self._arg(dx), cl, self._arg(mean), self._arg(scale), self._arg(beta),
+                     xk, dzk, dxk, cl, self._arg(mean), self._arg(scale), self._arg(beta),
                      act.kernel_code, float(act.param),
-                     self._arg(coef_dy), self._arg(coef_u), self._arg(coef_const))
+                     self._arg(coef_dy), self._arg(coef_u), self._arg(coef_const), rk, has_r, dresk, has_dres)
 
-    def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const):
+    def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const, residual=None, dres=None):
         cl = _channels_last(layout)
         zk = self._arg(z)
+        dzk, dxk, rk, has_r, dresk, has_dres = self._dx_operands(zk, dz, dx, residual, dres)
         total = int(np.prod(zk.shape))
         if total == 0:
             return
         self._launch(kernels.dx_from_output, kernels.elementwise_blocks(total),
-                     zk, self._arg(dz), self._arg(dx), cl, self._arg(beta), act.kernel_code, float(act.param),
-                     self._arg(coef_dy), self._arg(coef_u), self._arg(coef_const))
+                     zk, dzk, dxk, cl, self._arg(beta), act.kernel_code, float(act.param),
+                     self._arg(coef_dy), self._arg(coef_u), self._arg(coef_const), rk, has_r, dresk, has_dres)
 
     # -- host copies --------------------------------------------------------------------------------------------
     def to_host(self, array):

@@ -13,6 +13,9 @@ Math (one channel, m = N*S elements; design note ../shared/design/strategies.md)
     reduce     sum_dy = sum(dz * phi'(y)),  sum_dy_xhat = invstd * sum(dy * (x - mean))            [from x]
                sum_dy = sum(dz * phi'(z)),  sum_dy_ybeta = sum(dy * (phi^-1(z) - beta))            [from z]
     dx         dx = coef_dy * dy + coef_u * u + coef_const,  u = x - mean [from x] or y - beta [from z]
+    residual   (has_residual) z = phi(y + r):  forward z = phi(y + r),  dy = dz * phi'(y + r)             [from x]
+               y = phi^-1(z) - r,  dy = dz * phi'(z)  (phi' of the pre-activation y + r, from z)       [from z]
+               reduce and dx use this y and dy; the dx kernels also store dres = dy (has_dres)
 
 Invariants:
  1. Arithmetic is float64 per element: every load is widened with ``float64(...)``, every store rounds once to
@@ -24,8 +27,13 @@ Invariants:
     on every run.
  3. Nothing activation-sized is allocated here: callers pass every output and scratch array (outputs may alias
     inputs: each element is read before it is written, by the same thread).
- 4. ``dz`` may have any strides (stride 0 from a ``.sum()`` included): it is only ever indexed.
- 5. Kernels are compiled lazily, once per argument-type signature, on first launch, and cached on disk by Numba
+ 4. ``dz`` and ``residual`` may have any strides (stride 0 from a ``.sum()`` or ``.expand()`` included): they are
+    only ever indexed.
+ 5. Optional operands are a flag plus an array (``has_residual``, ``has_dres``, ``with_range``, ``has_scale``):
+    without the flag the array is a stand-in that is never read or written, one of the kernel's other arguments,
+    so the plain path compiles no extra signature.  Not None with ``arg is None`` pruning: numba-cuda (0.30) can
+    compile such a kernel (and the simulator runs it) but cannot launch one with a None argument on a GPU.
+ 6. Kernels are compiled lazily, once per argument-type signature, on first launch, and cached on disk by Numba
     (``cache=True``): importing this module compiles nothing and needs no GPU or driver.
 
 Layouts share one kernel per primitive: ``channels_last`` only decides which coordinate is the channel (a uniform
@@ -363,8 +371,8 @@ def sums_finalize(part, n_part, scale_second, has_scale, first, second):
 
 # -- normalize + activation (out may be x itself) -------------------------------------------------------------------
 @cuda.jit(**_jit)
-def normalize_act(x, out, channels_last, mean, scale, beta, kind, p):
-    """out = phi((x - mean) * scale + beta)."""
+def normalize_act(x, out, channels_last, mean, scale, beta, kind, p, residual, has_residual):
+    """out = phi((x - mean) * scale + beta [+ residual]); out may alias x, never residual."""
     d0, d1, d2 = x.shape
     i, step = _thread_range()
     a0, a1, a2 = _split3(i, d1, d2)
@@ -372,14 +380,17 @@ def normalize_act(x, out, channels_last, mean, scale, beta, kind, p):
     while a0 < d0:
         c = a2 if channels_last else a1
         y = (float64(x[a0, a1, a2]) - float64(mean[c])) * float64(scale[c]) + float64(beta[c])
+        if has_residual:  # a uniform branch: without it, no load of the stand-in
+            y += float64(residual[a0, a1, a2])
         out[a0, a1, a2] = _act_forward(y, kind, p)
         a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)
 
 
 # -- backward reduction from the input x (y and xhat recomputed on the fly) ----------------------------------------
 @cuda.jit(**_jit)
-def reduce_from_input_partials(x, dz, channels_last, mean, scale, beta, kind, p, tile, n_part, part):
-    """part[:, c, b] = (sum(dy), sum(dy * (x - mean))) over block b's rows of channel c."""
+def reduce_from_input_partials(x, dz, channels_last, mean, scale, beta, kind, p, residual, has_residual, tile, n_part,
+                               part):
+    """part[:, c, b] = (sum(dy), sum(dy * (x - mean))) over block b's rows of channel c, dy = dz * phi'(y [+ r])."""
     sh = cuda.shared.array((2, THREADS_PER_BLOCK), float64)
     n_batch, channels, spatial = _dims(x.shape, channels_last)
     lane, tx, c, b, n, s, dn, ds = _reduce_coords(channels_last, tile, n_part, spatial)
@@ -389,9 +400,12 @@ def reduce_from_input_partials(x, dz, channels_last, mean, scale, beta, kind, p,
     if c < channels and spatial > 0:
         m, a, bt = float64(mean[c]), float64(scale[c]), float64(beta[c])
         while n < n_batch:
-            # u = x - mean, y = u * scale + beta, dy = dz * phi'(y)
+            # u = x - mean, y = u * scale + beta, dy = dz * phi'(y [+ r])
             u = _load(x, n, c, s, channels_last) - m
-            dy = _load(dz, n, c, s, channels_last) * _act_grad(u * a + bt, kind, p)
+            y = u * a + bt
+            if has_residual:
+                y += _load(residual, n, c, s, channels_last)
+            dy = _load(dz, n, c, s, channels_last) * _act_grad(y, kind, p)
             s_dy += dy
             s_dyu += dy * u
             n, s = _advance2(n, s, dn, ds, spatial)
@@ -402,8 +416,8 @@ def reduce_from_input_partials(x, dz, channels_last, mean, scale, beta, kind, p,
 
 # -- backward reduction from the output z (y = phi^-1(z); no xhat, no x) -------------------------------------------
 @cuda.jit(**_jit)
-def reduce_from_output_partials(z, dz, channels_last, beta, kind, p, tile, n_part, part):
-    """part[:, c, b] = (sum(dy), sum(dy * (y - beta))) over block b's rows of channel c, y = phi^-1(z)."""
+def reduce_from_output_partials(z, dz, channels_last, beta, kind, p, residual, has_residual, tile, n_part, part):
+    """part[:, c, b] = (sum(dy), sum(dy * (y - beta))) over block b's rows of channel c, y = phi^-1(z) [- r]."""
     sh = cuda.shared.array((2, THREADS_PER_BLOCK), float64)
     n_batch, channels, spatial = _dims(z.shape, channels_last)
     lane, tx, c, b, n, s, dn, ds = _reduce_coords(channels_last, tile, n_part, spatial)
@@ -413,8 +427,10 @@ def reduce_from_output_partials(z, dz, channels_last, beta, kind, p, tile, n_par
     if c < channels and spatial > 0:
         bt = float64(beta[c])
         while n < n_batch:
-            # y = phi^-1(z), g = phi'(y) from z, dy = dz * g
+            # y = phi^-1(z) [- r], g = phi' at the pre-activation, from z; dy = dz * g
             y, g = _act_inverse(_load(z, n, c, s, channels_last), kind, p)
+            if has_residual:
+                y -= _load(residual, n, c, s, channels_last)
             dy = _load(dz, n, c, s, channels_last) * g
             s_dy += dy
             s_dyy += dy * (y - bt)
@@ -426,8 +442,9 @@ def reduce_from_output_partials(z, dz, channels_last, beta, kind, p, tile, n_par
 
 # -- dx from the input x (dx may be x or dz only if the caller accepts the overwrite) ------------------------------
 @cuda.jit(**_jit)
-def dx_from_input(x, dz, dx, channels_last, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const):
-    """dx = coef_dy * dz * phi'(y) + coef_u * (x - mean) + coef_const."""
+def dx_from_input(x, dz, dx, channels_last, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const, residual,
+                  has_residual, dres, has_dres):
+    """dx = coef_dy * dy + coef_u * (x - mean) + coef_const, dy = dz * phi'(y [+ residual]); [dres = dy]."""
     d0, d1, d2 = x.shape
     i, step = _thread_range()
     a0, a1, a2 = _split3(i, d1, d2)
@@ -435,15 +452,23 @@ def dx_from_input(x, dz, dx, channels_last, mean, scale, beta, kind, p, coef_dy,
     while a0 < d0:
         c = a2 if channels_last else a1
         u = float64(x[a0, a1, a2]) - float64(mean[c])
-        dy = float64(dz[a0, a1, a2]) * _act_grad(u * float64(scale[c]) + float64(beta[c]), kind, p)
+        y = u * float64(scale[c]) + float64(beta[c])
+        if has_residual:
+            y += float64(residual[a0, a1, a2])
+        dy = float64(dz[a0, a1, a2]) * _act_grad(y, kind, p)
+        # every load above precedes both stores: dx or dres may alias x or dz
         dx[a0, a1, a2] = float64(coef_dy[c]) * dy + float64(coef_u[c]) * u + float64(coef_const[c])
+        if has_dres:
+            dres[a0, a1, a2] = dy
         a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)
 
 
 # -- dx from the output z ------------------------------------------------------------------------------------------
 @cuda.jit(**_jit)
-def dx_from_output(z, dz, dx, channels_last, beta, kind, p, coef_dy, coef_u, coef_const):
-    """dx = coef_dy * dz * phi'(y) + coef_u * (y - beta) + coef_const, y = phi^-1(z)."""
+def dx_from_output(z, dz, dx, channels_last, beta, kind, p, coef_dy, coef_u, coef_const, residual, has_residual, dres,
+                   has_dres):
+    """dx = coef_dy * dy + coef_u * (y - beta) + coef_const, y = phi^-1(z) [- residual], dy = dz * phi' (from z);
+    [dres = dy]."""
     d0, d1, d2 = z.shape
     i, step = _thread_range()
     a0, a1, a2 = _split3(i, d1, d2)
@@ -451,6 +476,11 @@ def dx_from_output(z, dz, dx, channels_last, beta, kind, p, coef_dy, coef_u, coe
     while a0 < d0:
         c = a2 if channels_last else a1
         y, g = _act_inverse(float64(z[a0, a1, a2]), kind, p)
-        dx[a0, a1, a2] = float64(coef_dy[c]) * (float64(dz[a0, a1, a2]) * g) + float64(coef_u[c]) * (y - float64(
-            beta[c])) + float64(coef_const[c])
+        if has_residual:
+            y -= float64(residual[a0, a1, a2])
+        dy = float64(dz[a0, a1, a2]) * g
+        # every load above precedes both stores: dx or dres may alias z or dz
+        dx[a0, a1, a2] = float64(coef_dy[c]) * dy + float64(coef_u[c]) * (y - float64(beta[c])) + float64(coef_const[c])
+        if has_dres:
+            dres[a0, a1, a2] = dy
         a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)

@@ -43,6 +43,16 @@ def test_compare_default_model_with_json(capsys, tmp_path):
     assert [r["name"] for r in data["rows"]] == list(ROWS)
 
 
+def test_compare_postact_model(capsys, tmp_path):
+    """The built-in post-activation ResNet: inplace_abn saves more than efficient_checkpoint (residual sites)."""
+    path = tmp_path / "out.json"
+    assert main(["compare", "--model", "postact_resnet", "--input", "2x3x8x8", "--repeats", "1", "--no-progress",
+                 "--strategies", "efficient_checkpoint", "inplace_abn", "--json", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("model postact_resnet")
+    saved = {r["name"]: r["saved_bytes"] for r in json.loads(path.read_text())["rows"]}
+    assert saved["inplace_abn"] < saved["efficient_checkpoint"] < saved["standard"]
+
+
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "ckptnorm", *args], capture_output=True, text=True)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -68,16 +69,17 @@ def test_table_and_json_round_trip(tiny):
     assert back.rows == result.rows and back.meta == result.meta
 
 
-def test_plot_png_or_one_line_error(tiny, tmp_path):
+def test_plot_png_and_one_line_error_without_matplotlib(tiny, tmp_path, monkeypatch):
     _, _, result = tiny
     path = tmp_path / "c.png"
-    if importlib.util.find_spec("matplotlib") is None:
-        with pytest.raises(ImportError, match=r"^ckptnorm: plot needs matplotlib.*tip: pip install matplotlib") as e:
-            result.plot(path)
-        assert "\n" not in str(e.value)
-    else:
+    if importlib.util.find_spec("matplotlib") is not None:  # installed by the test extra
         result.plot(path)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"^ckptnorm: plot needs matplotlib.*tip: pip install matplotlib") as e:
+        result.plot(tmp_path / "d.png")
+    assert "\n" not in str(e.value)
 
 
 def test_plan_row_and_subset_of_strategies():
@@ -136,3 +138,12 @@ def test_models():
             get_model("torchvision:resnet18")
     else:
         assert get_model("torchvision:resnet18") is not None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tqdm") is None, reason="tqdm is not installed")
+def test_progress_bar_on_stderr(capsys):
+    torch.manual_seed(0)
+    compare(preact_resnet(depth=8, width=2), torch.randn(2, 3, 4, 4), ["inplace_abn"], repeats=1, progress=True,
+            include_original=False, include_torch_checkpoint=False)
+    err = capsys.readouterr().err
+    assert "ckptnorm compare" in err and "step" in err

@@ -188,8 +188,9 @@ def test_sites_postact_shared_relu_and_residual():
             s = sites[f"layer1.{i}.bn{j}"]
             assert s.activation.name == "relu" and not s.residual and s.activation_node is not None
         s = sites[f"layer1.{i}.bn3"]
-        assert s.residual and s.activation.name == "identity" and s.activation_node is None
-        assert s.residual_activation.name == "relu"
+        assert s.residual and s.fused_residual and s.activation.name == "relu" and s.activation_node is not None
+        assert s.residual_activation.name == "relu" and s.add_node is not None
+    assert sites["layer1.0.bn3"].residual_node == sites["bn1"].activation_node  # r: the stem's relu output
     # one relu module, three call nodes: each site names its own node
     nodes = [sites[f"layer1.0.bn{j}"].activation_node for j in (1, 2)]
     assert len(set(nodes)) == 2
@@ -216,11 +217,14 @@ def test_postact_shared_relu_module_kept():
     conv = convert(model, "efficient_checkpoint")
     assert isinstance(conv.get_submodule("layer1.0.relu"), nn.ReLU)  # the shared module is still there ...
     relu_calls = [n for n in conv.graph.nodes if n.op == "call_module" and n.target.endswith("relu")]
-    assert {n.target for n in relu_calls} == {"layer1.0.relu", "layer1.1.relu"}  # ... for the residual adds only
-    assert len(relu_calls) == 2
+    assert relu_calls == []  # ... but no call node uses it: every activation, the residual ones too, is fused
+    assert not [n for n in conv.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
     bn3 = conv.get_submodule("layer1.0.bn3")
-    assert isinstance(bn3, BatchNormAct2d) and bn3.activation == "identity"
-    assert "residual" in decisions(conv)["layer1.0.bn3"].reason
+    assert isinstance(bn3, BatchNormAct2d) and bn3.activation == "relu"
+    fused = [n for n in conv.graph.nodes if n.op == "call_module" and n.target == "layer1.0.bn3"]
+    assert len(fused) == 1 and len(fused[0].args) == 2  # called as bn3(x, residual)
+    reason = decisions(conv)["layer1.0.bn3"].reason
+    assert "residual site: add and activation fused" in reason and "saves nothing" in reason
 
 
 def test_strategy_forms():
@@ -287,17 +291,16 @@ def test_non_invertible_activation_falls_back_or_raises():
     model = make(PostActResNet)
     conv = convert(model, "inplace_abn")
     d = decisions(conv)
-    for name in ("bn1", "layer1.0.bn1", "layer1.1.bn2"):
+    for name in ("bn1", "layer1.0.bn1", "layer1.1.bn2", "layer1.0.bn3"):  # bn3: relu after the residual add
         assert d[name].requested == "inplace_abn" and d[name].applied == "efficient_checkpoint"
         assert "invertible" in d[name].reason
         assert conv.get_submodule(name).strategy == "efficient_checkpoint"
-    assert d["layer1.0.bn3"].applied == "inplace_abn"  # residual site: BN + identity is invertible
     assert "efficient_checkpoint" in str(conv.ckptnorm_report)
     with pytest.raises(ValueError) as info:
         convert(model, "inplace_abn", strict=True)
     msg = str(info.value)
     assert msg.startswith("ckptnorm: site 'bn1'") and "tip:" in msg.rsplit(";", 1)[-1]
-    convert(model, {"layer1.*.bn3": "inplace_abn", "*": "efficient_checkpoint"}, strict=True)  # valid everywhere
+    convert(model, {"layer1.*.bn3": "checkpoint", "*": "efficient_checkpoint"}, strict=True)  # valid everywhere
 
 
 @pytest.mark.parametrize("cls", [PreActResNet, PostActResNet])

@@ -57,18 +57,25 @@ def bc(v):
     return v[None, :, None]  # per-channel broadcast in NCS
 
 
-def stride0(value, shape, dtype):
-    """A gradient with stride 0 in every dim (what ``z.sum().backward()`` hands over)."""
+def device_view(view, base):
+    """The device twin of ``view``, a NumPy view (any strides, stride 0 included) starting at ``base[0, ...]``."""
+    assert base.flags.c_contiguous and view.__array_interface__["data"][0] == base.__array_interface__["data"][0]
     if SIM:
-        return np.broadcast_to(np.asarray(value, dtype), shape)  # the backend views NumPy arrays without copying
+        return view  # the backend views NumPy arrays without copying
     try:
         from numba.cuda.cudadrv.devicearray import DeviceNDArray
-        base = cuda.to_device(np.full(1, value, dtype))
-        view = DeviceNDArray(shape, (0,) * len(shape), np.dtype(dtype), gpu_data=base.gpu_data)
-        view._keepalive = base
-        return view
-    except Exception as exc:  # real CUDA only: no way to build a stride-0 device array here
-        pytest.skip(f"cannot build a stride-0 device array with this numba-cuda: {exc}")
+        data = cuda.to_device(base)
+        twin = DeviceNDArray(view.shape, view.strides, view.dtype, gpu_data=data.gpu_data)
+        twin._keepalive = data
+        return twin
+    except Exception as exc:  # real CUDA only: no way to build such a device array here
+        pytest.skip(f"cannot build a strided device view with this numba-cuda: {exc}")
+
+
+def stride0(value, shape, dtype):
+    """A gradient with stride 0 in every dim (what ``z.sum().backward()`` hands over)."""
+    base = np.full((1,) * len(shape), value, dtype)
+    return device_view(np.broadcast_to(base, shape), base)
 
 
 def check_all(shape, dtype, layout, act, seed=0, dz_const=None):
@@ -163,6 +170,8 @@ def test_kernels_compile_for_a_real_gpu():
 
     Needs only NVVM and libdevice, not a GPU: the device query and NVRTC's architecture lookup are stubbed in a
     subprocess.  Also checks the invariants visible in PTX: no atomics; barriers only in the partials kernels.
+    Kernels with optional operands compile once per signature the backend launches: the plain path (stand-ins of
+    the kernel's own argument types, flags False) and residual/dres views of any strides, also of another dtype.
     """
     libdevice = _libdevice()
     if libdevice is None:
@@ -195,17 +204,22 @@ def test_kernels_compile_for_a_real_gpu():
 
         from ckptnorm._cuda import kernels as K
         X, DZ, V, P = float32[:, :, ::1], float32[:, :, :], float64[:], float64[:, :, :]
-        sigs = {{
-            "stats_partials": (X, boolean, int64, int64, boolean, P),
-            "stats_finalize": (X, boolean, P, int64, boolean, V, V, V, V),
-            "sums_finalize": (P, int64, V, boolean, V, V),
-            "normalize_act": (X, X, boolean, V, V, V, int64, float64),
-            "reduce_from_input_partials": (X, DZ, boolean, V, V, V, int64, float64, int64, int64, P),
-            "reduce_from_output_partials": (X, DZ, boolean, V, int64, float64, int64, int64, P),
-            "dx_from_input": (X, DZ, X, boolean, V, V, V, int64, float64, V, V, V),
-            "dx_from_output": (X, DZ, X, boolean, V, int64, float64, V, V, V),
-        }}
-        for name, sig in sigs.items():
+        B, I, F = boolean, int64, float64
+        sigs = [
+            ("stats_partials", (X, B, I, I, B, P)),
+            ("stats_finalize", (X, B, P, I, B, V, V, V, V)),
+            ("sums_finalize", (P, I, V, B, V, V)),
+        ]
+        # residual (and dres) operand types: the plain path's stand-ins (x or dz, dx), any strides, float64
+        for R, D in ((X, X), (DZ, X), (P, P)):
+            sigs += [
+                ("normalize_act", (X, X, B, V, V, V, I, F, R, B)),
+                ("reduce_from_input_partials", (X, DZ, B, V, V, V, I, F, R, B, I, I, P)),
+                ("reduce_from_output_partials", (X, DZ, B, V, I, F, R, B, I, I, P)),
+                ("dx_from_input", (X, DZ, X, B, V, V, V, I, F, V, V, V, R, B, D, B)),
+                ("dx_from_output", (X, DZ, X, B, V, I, F, V, V, V, R, B, D, B)),
+            ]
+        for name, sig in sigs:
             ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=(9, 0))
             assert not re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", ptx, re.M), name  # no atomics
             assert ("bar.sync" in ptx or "barrier" in ptx) == name.endswith("_partials"), name
@@ -292,10 +306,171 @@ def test_empty_batch(layout, shape):
     mean, var, lo, hi = (host(a) for a in BACKEND.channel_stats(x, layout, with_range=True))
     assert np.isnan(mean).all() and np.isnan(var).all() and (lo == np.inf).all() and (hi == -np.inf).all()
     for sums in (BACKEND.reduce_from_input(x, x, layout, v, v, v, v, ELU),
-                 BACKEND.reduce_from_output(x, x, layout, v, ELU)):
+                 BACKEND.reduce_from_output(x, x, layout, v, ELU),
+                 BACKEND.reduce_from_input(x, x, layout, v, v, v, v, ELU, residual=x),
+                 BACKEND.reduce_from_output(x, x, layout, v, ELU, residual=x)):
         assert [host(a).tolist() for a in sums] == [[0.0, 0.0], [0.0, 0.0]]
     BACKEND.normalize_act(x, x, layout, v, v, v, ELU)
+    BACKEND.normalize_act(x, x, layout, v, v, v, ELU, residual=x)
     BACKEND.dx_from_output(x, x, x, layout, v, ELU, v, v, v)
+    BACKEND.dx_from_input(x, x, x, layout, v, v, v, ELU, v, v, v, residual=x, dres=x)
+    BACKEND.dx_from_output(x, x, x, layout, v, ELU, v, v, v, residual=x, dres=x)
+
+
+# -- residual sites: z = phi(BN(x) + r) -------------------------------------------------------------------------------
+RESIDUAL_KINDS = ["dense", "strided", "transposed", "expanded", "scalar"]
+
+
+def residual(kind, shape, dtype, layout, seed):
+    """A residual operand of the given kind and its values as float64 in NCS.
+
+    dense: contiguous in the layout; strided: every other element of a wider array; transposed: stored in the other
+    memory order; expanded: stride 0 over the batch (``r.expand(N, ...)``); scalar: stride 0 in every dim.
+    """
+    rng = np.random.default_rng(seed + 100)
+    values = rng.standard_normal(shape).astype(dtype)  # NCS
+    other = "nsc" if layout == "ncs" else "ncs"
+    if kind == "dense":
+        base = view = to_layout(values, layout)
+    elif kind == "strided":
+        dense = to_layout(values, layout)
+        base = np.zeros(dense.shape[:2] + (2 * dense.shape[2],), dtype)
+        base[:, :, ::2] = dense
+        view = base[:, :, ::2]
+    elif kind == "transposed":
+        base = to_layout(values, other)
+        view = base.transpose(0, 2, 1)
+    elif kind == "expanded":
+        base = to_layout(values[:1], layout)
+        view = np.broadcast_to(base, to_layout(values, layout).shape)
+        values = np.broadcast_to(values[:1], shape)
+    elif kind == "scalar":
+        base = values.reshape(-1)[:1].reshape(1, 1, 1)
+        view = np.broadcast_to(base, to_layout(values, layout).shape)
+        values = np.broadcast_to(base, shape)
+    else:
+        raise ValueError(kind)
+    if kind in ("strided", "transposed") and min(shape) > 1:
+        assert not view.flags.c_contiguous
+    np.testing.assert_array_equal(to_ncs(view, layout), values)
+    return device_view(view, base), values.astype(np.float64)
+
+
+def check_residual(shape, dtype, layout, act, kind="dense", seed=0):
+    """Every primitive with a residual (and dres) against float64 NumPy: z = phi(y + r), dy = dz * phi'(y + r)."""
+    x, dz, mean, invstd, gamma, beta = make(shape, dtype, seed)
+    scale = gamma * invstd
+    rd, r = residual(kind, shape, dtype, layout, seed)
+    x64, dz64 = x.astype(np.float64), dz.astype(np.float64)
+    u = x64 - bc(mean)
+    y = u * bc(scale) + bc(beta)
+    z_ref = act.forward(y + r)
+    dy = dz64 * act.derivative(y + r)
+    xl, dzl = to_layout(x, layout), to_layout(dz, layout)
+    xd, dzd = dev(xl), dev(dzl)
+    m_d, s_d, b_d, i_d = dev(mean), dev(scale), dev(beta), dev(invstd)
+    k_dy, k_u, k_0 = coefs(shape[1])
+    k_d = [dev(k) for k in (k_dy, k_u, k_0)]
+    tol_sum = dict(rtol=1e-9, atol=1e-9)
+
+    out = cuda.device_array_like(xl)
+    BACKEND.normalize_act(xd, out, layout, m_d, s_d, b_d, act, residual=rd)
+    np.testing.assert_allclose(to_ncs(host(out), layout), z_ref, **tol(dtype))
+    inplace = dev(xl)
+    BACKEND.normalize_act(inplace, inplace, layout, m_d, s_d, b_d, act, residual=rd)  # output aliases input
+    np.testing.assert_array_equal(host(inplace), host(out))
+
+    s_dy, s_dyx = BACKEND.reduce_from_input(xd, dzd, layout, m_d, i_d, s_d, b_d, act, residual=rd)
+    np.testing.assert_allclose(host(s_dy), dy.sum(axis=(0, 2)), **tol_sum)
+    np.testing.assert_allclose(host(s_dyx), (dy * u * bc(invstd)).sum(axis=(0, 2)), **tol_sum)
+
+    dx, dres = cuda.device_array_like(xl), cuda.device_array_like(xl)
+    BACKEND.dx_from_input(xd, dzd, dx, layout, m_d, s_d, b_d, act, *k_d, residual=rd, dres=dres)
+    np.testing.assert_allclose(to_ncs(host(dx), layout), bc(k_dy) * dy + bc(k_u) * u + bc(k_0), **tol(dtype))
+    np.testing.assert_allclose(to_ncs(host(dres), layout), dy, **tol(dtype))
+    dx_only = cuda.device_array_like(xl)
+    BACKEND.dx_from_input(xd, dzd, dx_only, layout, m_d, s_d, b_d, act, *k_d, residual=rd)  # no dres: same dx
+    np.testing.assert_array_equal(host(dx_only), host(dx))
+    dz_inplace = dev(dzl)
+    BACKEND.dx_from_input(xd, dz_inplace, dx_only, layout, m_d, s_d, b_d, act, *k_d, residual=rd, dres=dz_inplace)
+    np.testing.assert_array_equal(host(dz_inplace), host(dres))  # dres may overwrite dz
+    np.testing.assert_array_equal(host(dx_only), host(dx))
+
+    if act.invertible:
+        zd = dev(to_layout(z_ref, layout))  # z in float64: isolates the kernel from z's rounding
+        s_dy, s_dyy = BACKEND.reduce_from_output(zd, dzd, layout, b_d, act, residual=rd)
+        np.testing.assert_allclose(host(s_dy), dy.sum(axis=(0, 2)), **tol_sum)
+        np.testing.assert_allclose(host(s_dyy), (dy * (y - bc(beta))).sum(axis=(0, 2)), rtol=1e-8, atol=1e-8)
+        dx, dres = cuda.device_array(xl.shape, dtype), cuda.device_array(xl.shape, dtype)
+        BACKEND.dx_from_output(zd, dzd, dx, layout, b_d, act, *k_d, residual=rd, dres=dres)
+        want = bc(k_dy) * dy + bc(k_u) * (y - bc(beta)) + bc(k_0)
+        np.testing.assert_allclose(to_ncs(host(dx), layout), want, **tol(dtype))
+        np.testing.assert_allclose(to_ncs(host(dres), layout), dy, **tol(dtype))
+        dx_only = cuda.device_array(xl.shape, dtype)
+        BACKEND.dx_from_output(zd, dzd, dx_only, layout, b_d, act, *k_d, residual=rd)
+        np.testing.assert_array_equal(host(dx_only), host(dx))
+
+
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_residual_all_activations(dtype, layout, act):
+    check_residual((2, 3, 37), dtype, layout, act, seed=8)
+
+
+@pytest.mark.parametrize("act", [ELU, ACTS[4]], ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("kind", RESIDUAL_KINDS[1:])
+def test_residual_any_strides(kind, layout, act):
+    """Residual views the kernels only index: non-contiguous, the other memory order, stride 0 (expanded)."""
+    check_residual((3, 5, 13), np.float32, layout, act, kind, seed=9)
+
+
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 17, 1), (3, 1, 5), (1, 3, 129), (3, 17, 20)], ids=str)
+def test_residual_odd_sizes(shape, layout):
+    check_residual(shape, np.float64, layout, get_activation("leaky_relu", 0.1), "strided", seed=10)
+
+
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+def test_residual_none_is_the_plain_path(layout):
+    """residual=None / dres=None (given or left out) is the plain path, bit for bit; a zero residual changes no bit
+    (y + 0 and phi^-1(z) - 0 are exact); dres without a residual is dz * phi'(y)."""
+    shape = (2, 3, 37)
+    x, dz, mean, invstd, gamma, beta = make(shape, np.float32, seed=11)
+    xl, dzl = to_layout(x, layout), to_layout(dz, layout)
+    xd, dzd, zd = dev(xl), dev(dzl), dev(to_layout(ELU.forward(x.astype(np.float64)), layout))
+    m_d, i_d, s_d, b_d = dev(mean), dev(invstd), dev(gamma * invstd), dev(beta)
+    k_d = [dev(k) for k in coefs(shape[1])]
+    zero = stride0(0.0, xl.shape, np.float32)
+
+    def run(**kw):
+        res = {k: v for k, v in kw.items() if k == "residual"}
+        out, dx_in, dx_out = (cuda.device_array_like(xl) for _ in range(3))
+        BACKEND.normalize_act(xd, out, layout, m_d, s_d, b_d, ELU, **res)
+        BACKEND.dx_from_input(xd, dzd, dx_in, layout, m_d, s_d, b_d, ELU, *k_d, **kw)
+        BACKEND.dx_from_output(zd, dzd, dx_out, layout, b_d, ELU, *k_d, **kw)
+        return [host(out), *map(host, BACKEND.reduce_from_input(xd, dzd, layout, m_d, i_d, s_d, b_d, ELU, **res)),
+                *map(host, BACKEND.reduce_from_output(zd, dzd, layout, b_d, ELU, **res)), host(dx_in), host(dx_out)]
+
+    plain = run()
+    for a, b in zip(plain, run(residual=None, dres=None)):
+        assert a.tobytes() == b.tobytes()
+    for a, b in zip(plain, run(residual=zero)):
+        np.testing.assert_array_equal(a, b)
+    dres = cuda.device_array_like(xl)
+    BACKEND.dx_from_input(xd, dzd, cuda.device_array_like(xl), layout, m_d, s_d, b_d, ELU, *k_d, dres=dres)
+    y = (x.astype(np.float64) - bc(mean)) * bc(gamma * invstd) + bc(beta)
+    np.testing.assert_allclose(to_ncs(host(dres), layout), dz * ELU.derivative(y), **tol(np.float32))
+
+
+def test_residual_shape_must_match():
+    x = dev(np.ones((2, 3, 4), np.float32))
+    v = dev(np.ones(3))
+    with pytest.raises(ValueError, match="residual has shape"):
+        BACKEND.normalize_act(x, x, "ncs", v, v, v, ELU, residual=dev(np.ones((2, 3, 1), np.float32)))
+    with pytest.raises(ValueError, match="dres has shape"):
+        BACKEND.dx_from_output(x, x, x, "ncs", v, ELU, v, v, v, residual=x, dres=dev(np.ones((2, 4, 3), np.float32)))
 
 
 # -- several partials per channel, determinism -------------------------------------------------------------------------
@@ -427,11 +602,18 @@ def test_every_buffer_comes_from_allocate_on_the_given_stream():
     calls.clear(), returned.clear()
     result = backend.reduce_from_output(xd, dzd, "ncs", per_channel[3], ELU)
     assert len(calls) == 3 and result[0] is returned[0] and result[1] is returned[1]
+    calls.clear(), returned.clear()
+    result = backend.reduce_from_input(xd, dzd, "ncs", *per_channel, ELU, residual=dzd)  # the residual costs nothing
+    assert len(calls) == 3 and result[0] is returned[0] and result[1] is returned[1]
     calls.clear()
-    out = cuda.device_array_like(x)
+    out, dres = cuda.device_array_like(x), cuda.device_array_like(x)
     backend.normalize_act(xd, out, "ncs", per_channel[0], per_channel[2], per_channel[3], ELU)
     backend.dx_from_input(xd, dzd, out, "ncs", per_channel[0], per_channel[2], per_channel[3], ELU, *per_channel[:3])
     backend.dx_from_output(xd, dzd, out, "ncs", per_channel[3], ELU, *per_channel[:3])
+    backend.normalize_act(xd, out, "ncs", per_channel[0], per_channel[2], per_channel[3], ELU, residual=dzd)
+    backend.dx_from_input(xd, dzd, out, "ncs", per_channel[0], per_channel[2], per_channel[3], ELU, *per_channel[:3],
+                          residual=dzd, dres=dres)
+    backend.dx_from_output(xd, dzd, out, "ncs", per_channel[3], ELU, *per_channel[:3], residual=dzd, dres=dres)
     assert calls == []  # elementwise primitives allocate nothing
     stream.synchronize()
 

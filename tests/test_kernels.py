@@ -87,6 +87,70 @@ def test_elementwise_and_reductions(shape, dtype, layout, act):
         np.testing.assert_allclose(to_ncs(dx, layout), want, **tol(dtype))
 
 
+@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("residual_kind", ["dense", "expanded", "strided"])
+@pytest.mark.parametrize("shape", [(3, 5, 85), (2, 16, 257)])
+def test_residual_primitives(shape, residual_kind, dtype, layout, act):
+    """z = phi(y + r): every primitive with a residual operand of any strides, and dres = dy."""
+    x, dz, mean, invstd, gamma, beta = make(shape, dtype, seed=2)
+    rng = np.random.default_rng(5)
+    r = (rng.standard_normal(shape) * 1.5).astype(dtype)
+    if residual_kind == "expanded":  # one value per channel, broadcast: all strides but the channel's are 0
+        r = np.broadcast_to(r[:1, :, :1], shape)
+    scale = gamma * invstd
+    bc = lambda v: v[None, :, None]  # noqa: E731
+    x64, dz64, r64 = x.astype(np.float64), dz.astype(np.float64), r.astype(np.float64)
+    u = x64 - bc(mean)
+    y = u * bc(scale) + bc(beta)
+    pre = y + r64
+    dy = dz64 * act.derivative(pre)
+    xl, dzl = to_layout(x, layout), to_layout(dz, layout)
+    if residual_kind == "strided":  # every other element of a twice-as-long array
+        wide = np.empty(to_layout(r, layout).shape[:2] + (2 * to_layout(r, layout).shape[2],), dtype)
+        wide[:, :, ::2] = to_layout(r, layout)
+        rl = wide[:, :, ::2]
+    elif residual_kind == "expanded":
+        rl = r if layout == "ncs" else r.transpose(0, 2, 1)
+    else:
+        rl = to_layout(r, layout)
+    k_dy, k_u, k_0 = np.linspace(0.5, 1.5, shape[1]), np.linspace(-0.1, 0.1, shape[1]), np.linspace(-1, 1, shape[1])
+
+    out = np.empty_like(xl)
+    BACKEND.normalize_act(xl, out, layout, mean, scale, beta, act, residual=rl)
+    np.testing.assert_allclose(to_ncs(out, layout), act.forward(pre), **tol(dtype))
+    s_dy, s_dyx = BACKEND.reduce_from_input(xl, dzl, layout, mean, invstd, scale, beta, act, residual=rl)
+    np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(s_dyx, (dy * u * bc(invstd)).sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+    dx, dres = np.empty_like(xl), np.empty_like(xl)
+    BACKEND.dx_from_input(xl, dzl, dx, layout, mean, scale, beta, act, k_dy, k_u, k_0, residual=rl, dres=dres)
+    np.testing.assert_allclose(to_ncs(dx, layout), bc(k_dy) * dy + bc(k_u) * u + bc(k_0), **tol(dtype))
+    np.testing.assert_allclose(to_ncs(dres, layout), dy, **tol(dtype))
+
+    if act.invertible:
+        zl = to_layout(act.forward(pre), layout)  # float64 z: isolates the kernel from z's rounding
+        rl64 = to_layout(np.broadcast_to(r64, shape), layout)
+        s_dy, s_dyy = BACKEND.reduce_from_output(zl, dzl, layout, beta, act, residual=rl64)
+        np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(s_dyy, (dy * (y - bc(beta))).sum(axis=(0, 2)), rtol=1e-8, atol=1e-8)
+        dx, dres = np.empty(zl.shape, dtype), np.empty(zl.shape, dtype)
+        BACKEND.dx_from_output(zl, dzl, dx, layout, beta, act, k_dy, k_u, k_0, residual=rl64, dres=dres)
+        want = bc(k_dy) * dy + bc(k_u) * (y - bc(beta)) + bc(k_0)
+        np.testing.assert_allclose(to_ncs(dx, layout), want, **tol(dtype))
+        np.testing.assert_allclose(to_ncs(dres, layout), dy, **tol(dtype))
+
+
+def test_residual_none_is_the_plain_path():
+    """Passing residual=None explicitly gives the same bits as not passing it."""
+    x, dz, mean, invstd, gamma, beta = make((2, 6, 40), np.float32, seed=4)
+    act = get_activation("leaky_relu", 0.1)
+    a, b = np.empty_like(x), np.empty_like(x)
+    BACKEND.normalize_act(x, a, "ncs", mean, gamma * invstd, beta, act)
+    BACKEND.normalize_act(x, b, "ncs", mean, gamma * invstd, beta, act, residual=None)
+    assert a.tobytes() == b.tobytes()
+
+
 def test_reductions_are_bitwise_deterministic():
     rng = np.random.default_rng(3)
     for layout, shape in (("ncs", (8, 16, 4096)), ("nsc", (8, 4096, 16))):

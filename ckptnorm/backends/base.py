@@ -2,8 +2,16 @@
 
 A backend streams activation-sized arrays; strategies (``ckptnorm.strategies``) own the per-channel math.
 Arrays are 3-D views in memory order (``layout`` "ncs" = (N, C, S), "nsc" = (N, S, C)); per-channel arrays are
-1-D float64.  A backend never allocates an activation-sized array: outputs are passed in, and may alias inputs
-where a primitive says so.  Backends must be deterministic (same bits on every run).
+1-D float64.
+
+Residual sites (``z = phi(BN(x) + r)``, the end of a post-activation residual block): every primitive but
+``channel_stats`` takes an optional ``residual`` r, a view of the same shape and layout as x with any strides (like
+``dz``).  With it the pre-activation is ``y + r``: the forward adds r before phi, the backward evaluates phi' at
+``y + r`` (from x) or recovers ``y = phi^-1(z) - r`` (from z); the dx primitives then also write the residual's
+gradient ``dres = dy = dz * phi'(y + r)`` when ``dres`` is given.  Without ``residual`` nothing changes.
+
+A backend never allocates an activation-sized array: outputs are passed in, and may alias inputs where a primitive
+says so.  Backends must be deterministic (same bits on every run).
 """
 from __future__ import annotations
 
@@ -25,24 +33,29 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def normalize_act(self, x, out, layout, mean, scale, beta, act):
-        """``out = phi((x - mean) * scale + beta)`` elementwise; ``out`` may be ``x`` (in place)."""
+    def normalize_act(self, x, out, layout, mean, scale, beta, act, residual=None):
+        """``out = phi((x - mean) * scale + beta [+ residual])`` elementwise; ``out`` may be ``x`` (in place), never
+        ``residual``."""
 
     @abc.abstractmethod
-    def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act):
-        """Return ``(sum(dy), sum(dy * xhat))`` with y, xhat recomputed from x and dy = dz * phi'(y)."""
+    def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act, residual=None):
+        """Return ``(sum(dy), sum(dy * xhat))`` with y, xhat recomputed from x and dy = dz * phi'(y [+ residual])."""
 
     @abc.abstractmethod
-    def reduce_from_output(self, z, dz, layout, beta, act):
-        """Return ``(sum(dy), sum(dy * (y - beta)))`` with y = phi^-1(z), dy = dz * phi'(y), from z alone."""
+    def reduce_from_output(self, z, dz, layout, beta, act, residual=None):
+        """Return ``(sum(dy), sum(dy * (y - beta)))`` from z alone: y = phi^-1(z) [- residual], dy = dz * phi'(.)
+        with phi' taken from z."""
 
     @abc.abstractmethod
-    def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const):
-        """``dx = coef_dy * dy + coef_u * (x - mean) + coef_const`` per channel, dy recomputed from x."""
+    def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const, residual=None,
+                      dres=None):
+        """``dx = coef_dy * dy + coef_u * (x - mean) + coef_const`` per channel, dy recomputed from x (and
+        ``residual``); ``dres = dy`` when given."""
 
     @abc.abstractmethod
-    def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const):
-        """``dx = coef_dy * dy + coef_u * (phi^-1(z) - beta) + coef_const`` per channel, from z alone."""
+    def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const, residual=None, dres=None):
+        """``dx = coef_dy * dy + coef_u * (y - beta) + coef_const`` per channel from z alone, y = phi^-1(z)
+        [- residual]; ``dres = dy`` when given."""
 
     def to_host(self, array):
         """A NumPy copy of a (small, per-channel) array this backend returned; may wait for the device."""

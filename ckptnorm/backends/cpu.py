@@ -29,29 +29,30 @@ class CPUBackend(Backend):
         getattr(_kernels(), "stats_" + layout)(x, mean, var, xmin, xmax, with_range)
         return (mean, var, xmin, xmax) if with_range else (mean, var, None, None)
 
-    def normalize_act(self, x, out, layout, mean, scale, beta, act):
+    def normalize_act(self, x, out, layout, mean, scale, beta, act, residual=None):
         getattr(_kernels(), "normalize_act_" + layout)(
-            x, out, _per_channel(mean), _per_channel(scale), _per_channel(beta), act.kernel_code, act.param)
+            x, out, _per_channel(mean), _per_channel(scale), _per_channel(beta), act.kernel_code, act.param, residual)
 
-    def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act):
+    def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act, residual=None):
         sum_dy, sum_dy_xhat = np.empty(len(mean)), np.empty(len(mean))
         getattr(_kernels(), "reduce_from_input_" + layout)(
             x, dz, _per_channel(mean), _per_channel(invstd), _per_channel(scale), _per_channel(beta),
-            act.kernel_code, act.param, sum_dy, sum_dy_xhat)
+            act.kernel_code, act.param, sum_dy, sum_dy_xhat, residual)
         return sum_dy, sum_dy_xhat
 
-    def reduce_from_output(self, z, dz, layout, beta, act):
+    def reduce_from_output(self, z, dz, layout, beta, act, residual=None):
         sum_dy, sum_dy_ybeta = np.empty(len(beta)), np.empty(len(beta))
         getattr(_kernels(), "reduce_from_output_" + layout)(
-            z, dz, _per_channel(beta), act.kernel_code, act.param, sum_dy, sum_dy_ybeta)
+            z, dz, _per_channel(beta), act.kernel_code, act.param, sum_dy, sum_dy_ybeta, residual)
         return sum_dy, sum_dy_ybeta
 
-    def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const):
+    def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const, residual=None,
+                      dres=None):
         getattr(_kernels(), "dx_from_input_" + layout)(
             x, dz, dx, _per_channel(mean), _per_channel(scale), _per_channel(beta), act.kernel_code, act.param,
-            _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const))
+            _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const), residual, dres)
 
-    def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const):
+    def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const, residual=None, dres=None):
         getattr(_kernels(), "dx_from_output_" + layout)(
             z, dz, dx, _per_channel(beta), act.kernel_code, act.param,
-            _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const))
+            _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const), residual, dres)

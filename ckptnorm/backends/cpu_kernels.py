@@ -12,6 +12,10 @@ Math (one channel, m = N*S elements; design note ../shared/design/strategies.md)
                sum_dy = sum(dz * phi'(z)),  sum_dy_ybeta = sum(dy * (phi^-1(z) - beta))          [from z]
     dx         dx = coef_dy * dy + coef_u * u + coef_const,  u = x - mean [from x] or y - beta [from z]
 
+Residual sites, z = phi(y + r) (``residual`` given, any strides): phi and phi' see ``y + r``; from z,
+y = phi^-1(z) - r; the dx kernels also write ``dres = dy`` when ``dres`` is given.  ``residual``/``dres`` are None
+otherwise, and Numba prunes their branches at compile time (a separate specialization; the plain path is unchanged).
+
 The per-channel coefficients come from ``ckptnorm.strategies``; kernels only stream the data.
 
 Invariants:
@@ -203,7 +207,7 @@ def stats_nsc(x, mean, var, xmin, xmax, with_range):
 
 # -- normalize + activation (out may be x itself: each tile is read before it is written) -------------------------
 @njit(parallel=True, **_jit)
-def normalize_act_ncs(x, out, mean, scale, beta, kind, p):
+def normalize_act_ncs(x, out, mean, scale, beta, kind, p, residual):
     n_batch, channels, spatial = x.shape
     for i in prange(n_batch * channels):
         n = i // channels
@@ -215,13 +219,17 @@ def normalize_act_ncs(x, out, mean, scale, beta, kind, p):
             x_t, out_t = x[n, c, s0:s0 + k], out[n, c, s0:s0 + k]
             for j in range(k):
                 y[j] = (np.float64(x_t[j]) - m) * a + b
+            if residual is not None:
+                r_t = residual[n, c, s0:s0 + k]
+                for j in range(k):
+                    y[j] += np.float64(r_t[j])
             act_forward_tile(y, k, kind, p)
             for j in range(k):
                 out_t[j] = y[j]
 
 
 @njit(parallel=True, **_jit)
-def normalize_act_nsc(x, out, mean, scale, beta, kind, p):
+def normalize_act_nsc(x, out, mean, scale, beta, kind, p, residual):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
     n_chunks, per_chunk = _chunking(rows)
@@ -232,6 +240,9 @@ def normalize_act_nsc(x, out, mean, scale, beta, kind, p):
             s = r - n * spatial
             for c in range(channels):
                 y[c] = (np.float64(x[n, s, c]) - mean[c]) * scale[c] + beta[c]
+            if residual is not None:
+                for c in range(channels):
+                    y[c] += np.float64(residual[n, s, c])
             act_forward_tile(y, channels, kind, p)
             for c in range(channels):
                 out[n, s, c] = y[c]
@@ -239,7 +250,7 @@ def normalize_act_nsc(x, out, mean, scale, beta, kind, p):
 
 # -- backward reduction from the input x (y and xhat recomputed on the fly) --------------------------------------
 @njit(parallel=True, **_reduce_jit)
-def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat):
+def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat, residual):
     n_batch, channels, spatial = x.shape
     for c in prange(channels):
         m, a, b = mean[c], scale[c], beta[c]
@@ -255,6 +266,10 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
                 for j in range(k):
                     u[j] = np.float64(x_t[j]) - m
                     y[j] = u[j] * a + b
+                if residual is not None:
+                    r_t = residual[n, c, s0:s0 + k]
+                    for j in range(k):
+                        y[j] += np.float64(r_t[j])
                 act_grad_tile(y, g, k, kind, p)
                 for j in range(k):
                     dy = np.float64(dz_t[j]) * g[j]
@@ -265,7 +280,7 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
 
 
 @njit(parallel=True, **_reduce_jit)
-def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat):
+def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat, residual):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
     n_chunks, per_chunk = _chunking(rows)
@@ -281,6 +296,9 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
             for c in range(channels):
                 u[c] = np.float64(x[n, s, c]) - mean[c]
                 y[c] = u[c] * scale[c] + beta[c]
+            if residual is not None:
+                for c in range(channels):
+                    y[c] += np.float64(residual[n, s, c])
             act_grad_tile(y, g, channels, kind, p)
             for c in range(channels):
                 dy = np.float64(dz[n, s, c]) * g[c]
@@ -293,7 +311,7 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
 
 # -- backward reduction from the output z (y = phi^-1(z); no xhat, no x) -----------------------------------------
 @njit(parallel=True, **_reduce_jit)
-def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
+def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual):
     n_batch, channels, spatial = z.shape
     for c in prange(channels):
         b = beta[c]
@@ -308,6 +326,10 @@ def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
                 for j in range(k):
                     y[j] = np.float64(z_t[j])
                 act_inverse_tile(y, g, k, kind, p)
+                if residual is not None:  # z = phi(y + r): subtract r from the inverted pre-activation
+                    r_t = residual[n, c, s0:s0 + k]
+                    for j in range(k):
+                        y[j] -= np.float64(r_t[j])
                 for j in range(k):
                     dy = np.float64(dz_t[j]) * g[j]
                     s_dy += dy
@@ -317,7 +339,7 @@ def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
 
 
 @njit(parallel=True, **_reduce_jit)
-def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
+def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual):
     n_batch, spatial, channels = z.shape
     rows = n_batch * spatial
     n_chunks, per_chunk = _chunking(rows)
@@ -332,6 +354,9 @@ def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta):
             for c in range(channels):
                 y[c] = np.float64(z[n, s, c])
             act_inverse_tile(y, g, channels, kind, p)
+            if residual is not None:
+                for c in range(channels):
+                    y[c] -= np.float64(residual[n, s, c])
             for c in range(channels):
                 dy = np.float64(dz[n, s, c]) * g[c]
                 acc[0, c] += dy
@@ -354,7 +379,7 @@ def _combine(part, first, second):
 
 # -- dx from the input x -------------------------------------------------------------------------------------------
 @njit(parallel=True, **_jit)
-def dx_from_input_ncs(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const):
+def dx_from_input_ncs(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, channels, spatial = x.shape
     for i in prange(n_batch * channels):
         n = i // channels
@@ -370,13 +395,21 @@ def dx_from_input_ncs(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
             for j in range(k):
                 u[j] = np.float64(x_t[j]) - m
                 y[j] = u[j] * a + b
+            if residual is not None:
+                r_t = residual[n, c, s0:s0 + k]
+                for j in range(k):
+                    y[j] += np.float64(r_t[j])
             act_grad_tile(y, g, k, kind, p)
             for j in range(k):
                 dx_t[j] = k_dy * (np.float64(dz_t[j]) * g[j]) + k_u * u[j] + k_0
+            if dres is not None:
+                dres_t = dres[n, c, s0:s0 + k]
+                for j in range(k):
+                    dres_t[j] = np.float64(dz_t[j]) * g[j]
 
 
 @njit(parallel=True, **_jit)
-def dx_from_input_nsc(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const):
+def dx_from_input_nsc(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
     n_chunks, per_chunk = _chunking(rows)
@@ -390,14 +423,20 @@ def dx_from_input_nsc(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
             for c in range(channels):
                 u[c] = np.float64(x[n, s, c]) - mean[c]
                 y[c] = u[c] * scale[c] + beta[c]
+            if residual is not None:
+                for c in range(channels):
+                    y[c] += np.float64(residual[n, s, c])
             act_grad_tile(y, g, channels, kind, p)
             for c in range(channels):
                 dx[n, s, c] = coef_dy[c] * (np.float64(dz[n, s, c]) * g[c]) + coef_u[c] * u[c] + coef_const[c]
+            if dres is not None:
+                for c in range(channels):
+                    dres[n, s, c] = np.float64(dz[n, s, c]) * g[c]
 
 
 # -- dx from the output z ------------------------------------------------------------------------------------------
 @njit(parallel=True, **_jit)
-def dx_from_output_ncs(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const):
+def dx_from_output_ncs(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, channels, spatial = z.shape
     for i in prange(n_batch * channels):
         n = i // channels
@@ -412,12 +451,20 @@ def dx_from_output_ncs(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const):
             for j in range(k):
                 y[j] = np.float64(z_t[j])
             act_inverse_tile(y, g, k, kind, p)
+            if residual is not None:
+                r_t = residual[n, c, s0:s0 + k]
+                for j in range(k):
+                    y[j] -= np.float64(r_t[j])
             for j in range(k):
                 dx_t[j] = k_dy * (np.float64(dz_t[j]) * g[j]) + k_u * (y[j] - b) + k_0
+            if dres is not None:
+                dres_t = dres[n, c, s0:s0 + k]
+                for j in range(k):
+                    dres_t[j] = np.float64(dz_t[j]) * g[j]
 
 
 @njit(parallel=True, **_jit)
-def dx_from_output_nsc(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const):
+def dx_from_output_nsc(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, spatial, channels = z.shape
     rows = n_batch * spatial
     n_chunks, per_chunk = _chunking(rows)
@@ -430,6 +477,12 @@ def dx_from_output_nsc(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const):
             for c in range(channels):
                 y[c] = np.float64(z[n, s, c])
             act_inverse_tile(y, g, channels, kind, p)
+            if residual is not None:
+                for c in range(channels):
+                    y[c] -= np.float64(residual[n, s, c])
             for c in range(channels):
                 dx[n, s, c] = coef_dy[c] * (np.float64(dz[n, s, c]) * g[c]) + coef_u[c] * (y[c] - beta[c]) \
                     + coef_const[c]
+            if dres is not None:
+                for c in range(channels):
+                    dres[n, s, c] = np.float64(dz[n, s, c]) * g[c]

@@ -6,8 +6,11 @@ removed from the graph, activation modules left alone since they may be shared);
 the same class, with the fused activation children of its ``nn.Sequential`` containers replaced by ``nn.Identity``.
 Either way the state_dict keys are unchanged and the original's state_dict loads with ``strict=True``.
 
-Residual sites (``BN -> add -> act``) are converted as BN with identity activation; fusing the residual into the
-layer (design note, "Residual sites") is not done yet.
+Residual sites (``BN -> add(r) -> act``) become one layer called as ``layer(x, r)``, placed where the add was (r
+may be computed after the BN, e.g. by a projection shortcut); the add and activation call nodes are removed.  There
+``inplace_abn`` keeps z only (plus r, which the block's first conv keeps anyway), while ``checkpoint`` and
+``efficient_checkpoint`` keep x and leave z materialized -- it is the next block's input and residual -- so they
+save nothing at residual sites (design note, "Residual sites"); the report says so.
 """
 from __future__ import annotations
 
@@ -140,8 +143,10 @@ def _decide(site, requested, inplace, strict):
     """(applied, inplace, reason) for one site."""
     act = site.activation.describe()
     notes = []
-    if site.residual:
-        notes.append("residual site: converted as BN + identity, add and activation stay separate")
+    if site.fused_residual:
+        notes.append("residual site: add and activation fused")
+    elif site.residual:
+        notes.append(f"residual site not fused: no ckptnorm kernel for {site.unfused}")
     elif site.unfused:
         notes.append(f"{site.unfused} after the BN is not fused (no ckptnorm kernel for it)")
     if requested is None:
@@ -165,6 +170,8 @@ def _decide(site, requested, inplace, strict):
                 "fall back automatically") from None
         applied = FALLBACK
         notes.insert(0, f"{requested} needs an invertible activation, {act} is not: fell back to {FALLBACK}")
+    if site.fused_residual and get_strategy(applied).rematerializes_output:
+        notes.append("output stays materialized (the next block's residual): saves nothing here")
     use_inplace = False
     if get_strategy(applied).may_overwrite_input:
         if inplace is False:
@@ -177,6 +184,19 @@ def _decide(site, requested, inplace, strict):
         else:
             use_inplace = True
     return applied, use_inplace, "; ".join(notes)
+
+
+def _fuse_residual(graph, nodes, site):
+    """``act(bn(x) + r)`` -> ``layer(x, r)``, inserted at the add (both x and r exist there)."""
+    bn, add, act = nodes[site.bn_node], nodes[site.add_node], nodes[site.activation_node]
+    # r from the add's current arguments: r may be an earlier site's activation node, replaced since discovery
+    residual = add.args[1] if add.args[0] is bn else add.args[0]
+    with graph.inserting_before(add):
+        fused = graph.call_module(site.name, (bn.args[0], residual))
+    fused.meta = dict(act.meta)
+    act.replace_all_uses_with(fused)
+    for node in (act, add, bn):
+        graph.erase_node(node)
 
 
 def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example_inputs=None):
@@ -221,7 +241,9 @@ def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example
     else:
         nodes = {n.name: n for n in gm.graph.nodes}
         for site, _, _ in planned:
-            if site.activation_node is not None:
+            if site.fused_residual:
+                _fuse_residual(gm.graph, nodes, site)
+            elif site.activation_node is not None:
                 act = nodes[site.activation_node]
                 act.replace_all_uses_with(nodes[site.bn_node])
                 gm.graph.erase_node(act)

@@ -27,7 +27,7 @@ class _Config:
 
 class BatchNormActFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, cfg):
+    def forward(ctx, x, weight, bias, running_mean, running_var, residual, cfg):
         layout = _arrays.layout_of(x)
         channels, device = x.shape[1], x.device
         backend = _arrays.backend_for(x)
@@ -37,7 +37,9 @@ class BatchNormActFunction(torch.autograd.Function):
             _arrays.channel_values(running_mean, channels, 0.0, device),
             _arrays.channel_values(running_var, channels, 1.0, device))
         x_arr = _arrays.activation_view(x, layout)
-        plan = cfg.strategy.plan(backend, x_arr, layout, gamma, beta, cfg.act, cfg.training, cfg.eps, *running)
+        r_arr = None if residual is None else _arrays.gradient_view(residual, layout)
+        plan = cfg.strategy.plan(backend, x_arr, layout, gamma, beta, cfg.act, cfg.training, cfg.eps, *running,
+                                 residual=r_arr)
         if cfg.training and cfg.update_stats and running_mean is not None:
             new_mean, new_var = updated_running_stats(*running, plan.mean, plan.var, plan.count, cfg.momentum)
             with torch.no_grad():
@@ -47,16 +49,16 @@ class BatchNormActFunction(torch.autograd.Function):
         x_kept = x.clone() if (cfg.inplace and "x" in plan.keep) else x
         out = x if cfg.inplace else torch.empty_like(x)
         backend.normalize_act(x_arr, _arrays.activation_view(out, layout), layout, plan.mean, plan.scale, beta,
-                              cfg.act)
+                              cfg.act, r_arr)
         if cfg.inplace:
             ctx.mark_dirty(x)
-        kept = {"x": x_kept, "z": out,
+        kept = {"x": x_kept, "z": out, "residual": residual,
                 "mean": _arrays.channel_tensor(plan.mean), "invstd": _arrays.channel_tensor(plan.invstd)}
         ctx.save_for_backward(*(kept[name] for name in plan.keep))
         ctx.keep, ctx.cfg, ctx.layout, ctx.count = plan.keep, cfg, layout, plan.count
         ctx.gamma, ctx.beta = gamma, beta
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        ctx.plan = plan if cfg.strategy.rematerializes_output else None
+        ctx.plan = plan if cfg.strategy.rematerializes_output and residual is None else None
         return out
 
     @staticmethod
@@ -66,17 +68,22 @@ class BatchNormActFunction(torch.autograd.Function):
         saved = dict(zip(ctx.keep, ctx.saved_tensors))
         ref = saved["x"] if "x" in saved else saved["z"]
         backend = _arrays.backend_for(ref)  # on the current stream of this backward
-        arrays = {name: (_arrays.activation_view(t, layout) if name in ("x", "z") else _arrays.channel_array(t))
+        arrays = {name: (_arrays.activation_view(t, layout) if name in ("x", "z") else
+                         _arrays.gradient_view(t, layout) if name == "residual" else _arrays.channel_array(t))
                   for name, t in saved.items()}
-        dx = torch.empty_like(ref) if ctx.needs_input_grad[0] else None
+        # The residual's gradient dr = dy is written by the dx kernel, so dx is computed whenever either is needed.
+        need_dres = "residual" in saved and ctx.needs_input_grad[5]
+        dx = torch.empty_like(ref) if (ctx.needs_input_grad[0] or need_dres) else None
+        dres = torch.empty_like(ref) if need_dres else None
         dgamma, dbeta = cfg.strategy.backward(
             backend, arrays, _arrays.gradient_view(dz, layout),
             None if dx is None else _arrays.activation_view(dx, layout),
-            layout, ctx.gamma, ctx.beta, cfg.act, cfg.training, cfg.eps, ctx.count)
+            layout, ctx.gamma, ctx.beta, cfg.act, cfg.training, cfg.eps, ctx.count,
+            None if dres is None else _arrays.activation_view(dres, layout))
         w_dtype, b_dtype = ctx.param_dtypes
         grad_w = _arrays.channel_tensor(dgamma).to(w_dtype) if ctx.needs_input_grad[1] else None
         grad_b = _arrays.channel_tensor(dbeta).to(b_dtype) if ctx.needs_input_grad[2] else None
-        return dx, grad_w, grad_b, None, None, None
+        return (dx if ctx.needs_input_grad[0] else None), grad_w, grad_b, None, None, dres, None
 
 
 def _native_activation(y, act):
@@ -94,7 +101,7 @@ def _native_activation(y, act):
     return F.gelu(y)
 
 
-def _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, strategy, inplace):
+def _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, strategy, inplace, residual):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"ckptnorm: input must be a torch.Tensor, got {type(x).__name__}; tip: convert it with "
                         "torch.as_tensor")
@@ -120,6 +127,17 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
         if t.dtype != x.dtype:
             raise TypeError(f"ckptnorm: {name} is {t.dtype} but the input is {x.dtype}; tip: convert the module "
                             "with .to(x.dtype)")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"ckptnorm: residual must be a torch.Tensor, got {type(residual).__name__}; tip: pass the "
+                            "tensor added to the BatchNorm output before the activation")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"ckptnorm: residual must match the input (shape {tuple(x.shape)}, {x.dtype}, "
+                             f"{x.device}), got shape {tuple(residual.shape)}, {residual.dtype}, {residual.device}; "
+                             "tip: broadcast and convert it first, e.g. residual.expand_as(x).to(x)")
+        if inplace and residual.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            raise ValueError("ckptnorm: inplace=True would overwrite the residual, which shares memory with the "
+                             "input; tip: use inplace=False")
     if (running_mean is None) != (running_var is None):
         raise ValueError("ckptnorm: pass both running_mean and running_var, or neither; tip: pass None for both to "
                          "use batch statistics only")
@@ -143,17 +161,21 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
 
 @torch.compiler.disable
 def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
-                   activation="identity", activation_param=None, strategy="efficient_checkpoint", inplace=False):
-    """BatchNorm followed by an activation, with the memory strategy ``strategy``.
+                   activation="identity", activation_param=None, strategy="efficient_checkpoint", inplace=False,
+                   residual=None):
+    """BatchNorm followed by an activation, with the memory strategy ``strategy``: ``phi(BN(x) [+ residual])``.
 
     Arguments follow ``torch.nn.functional.batch_norm`` (``momentum`` is the running-average factor used for this
     call), plus ``activation`` (a name or ``ckptnorm.Activation``), its ``activation_param`` (leaky slope, ELU
-    alpha), ``strategy`` (name, class or instance) and ``inplace`` (``inplace_abn`` only: write z over x).
+    alpha), ``strategy`` (name, class or instance), ``inplace`` (``inplace_abn`` only: write z over x) and
+    ``residual`` (a tensor like x, any strides, added before the activation: the end of a post-activation
+    residual block, fused into the layer; every strategy keeps it for backward -- the block's first conv keeps it
+    anyway -- and the output is never re-materialized there, see the design note's "Residual sites").
     """
     strat = get_strategy(strategy)
     act = get_activation(activation, activation_param)
     strat.check_activation(act)
-    _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, strat, inplace)
+    _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, strat, inplace, residual)
     recomputing = in_backward()
     if strat.name == "standard" or x.numel() == 0:  # native ops (they also define what an empty batch gives)
         if training and recomputing and running_mean is not None:
@@ -162,6 +184,8 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
             running_mean, running_var = running_mean.clone(), running_var.clone()
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training or running_mean is None,
                          momentum or 0.0, eps)
+        if residual is not None:
+            y = y.add_(residual)  # in place on BN's fresh output, which BN's backward does not keep
         return _native_activation(y, act)
     if x.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(f"ckptnorm: strategy {strat.name!r} has no backend for {x.device.type} tensors "
@@ -177,8 +201,8 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     _recompute.release_hooks_if_idle()
     cfg = _Config(strategy=strat, act=act, training=training, momentum=momentum, eps=eps, inplace=inplace,
                   update_stats=not recomputing)
-    z = BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, cfg)
-    if strat.rematerializes_output and z.requires_grad:
+    z = BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, cfg)
+    if strat.rematerializes_output and residual is None and z.requires_grad:
         node = z.grad_fn  # the Function's ctx: holds the layout, plan and beta of this call
         _recompute.register(z, _recompute.Recipe(z, x, node.layout, cfg, node.plan, node.beta))
     return z

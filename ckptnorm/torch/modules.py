@@ -39,7 +39,8 @@ class _BatchNormAct(_BatchNorm):
                              f"{input.dim()}-D input; tip: use BatchNormAct1d for (N, C) or (N, C, L), "
                              "BatchNormAct2d for (N, C, H, W), BatchNormAct3d for (N, C, D, H, W)")
 
-    def forward(self, input):
+    def forward(self, input, residual=None):
+        """``phi(BN(input) [+ residual])``; ``residual`` fuses the end of a post-activation residual block."""
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         # A forward re-run by autograd (torch.utils.checkpoint) must not count the batch twice.
@@ -51,7 +52,7 @@ class _BatchNormAct(_BatchNorm):
         track = not self.training or self.track_running_stats
         return batch_norm_act(input, self.running_mean if track else None, self.running_var if track else None,
                               self.weight, self.bias, use_batch_stats, factor, self.eps, self.activation,
-                              self.activation_param, self.strategy, self.inplace)
+                              self.activation_param, self.strategy, self.inplace, residual)
 
     def extra_repr(self):
         act = get_activation(self.activation, self.activation_param).describe()

@@ -102,6 +102,7 @@ class Plan:
     baseline_time: float
     budget_bytes: int
     inplace: object = "auto"
+    measured_bytes: "int | None" = None  # saved bytes of the applied plan, measured by ``plan`` (None: not measured)
     predicted_bytes: int = field(init=False)
     predicted_time: float = field(init=False)
 
@@ -147,6 +148,9 @@ class Plan:
                      f"({self.predicted_time / self.baseline_time:.2f}x)" if self.baseline_time > 0 else
                      f"plan (predicted): {self.predicted_bytes:,d} bytes ({self.predicted_bytes / base:.1%} of "
                      "standard)")
+        if self.measured_bytes is not None:
+            lines.append(f"plan (measured): {self.measured_bytes:,d} bytes ({self.measured_bytes / base:.1%} of "
+                         "standard)")
         lines.append(f"budget: {self.budget_bytes:,d} bytes ({self.budget_bytes / base:.1%} of standard)")
         return "\n".join(lines)
 
@@ -155,7 +159,8 @@ class Plan:
                 "candidates": {s: {k: list(v) for k, v in c.items()} for s, c in self.candidates.items()},
                 "baseline_bytes": self.baseline_bytes, "baseline_time": self.baseline_time,
                 "budget_bytes": self.budget_bytes, "inplace": self.inplace,
-                "predicted_bytes": self.predicted_bytes, "predicted_time": self.predicted_time}
+                "predicted_bytes": self.predicted_bytes, "predicted_time": self.predicted_time,
+                "measured_bytes": self.measured_bytes}
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -168,7 +173,8 @@ class Plan:
                        candidates={s: {k: (int(v[0]), float(v[1])) for k, v in c.items()}
                                    for s, c in data["candidates"].items()},
                        baseline_bytes=int(data["baseline_bytes"]), baseline_time=float(data["baseline_time"]),
-                       budget_bytes=int(data["budget_bytes"]), inplace=data["inplace"])
+                       budget_bytes=int(data["budget_bytes"]), inplace=data["inplace"],
+                       measured_bytes=data.get("measured_bytes"))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"ckptnorm: not a plan in JSON ({type(exc).__name__}: {exc}); tip: pass the text "
                              "written by Plan.to_json()") from None
@@ -253,6 +259,8 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
     baseline ``standard`` is always a candidate.  ``repeats``: timed rounds per site (median).  ``inplace``: passed
     to ``convert`` when measuring and by ``Plan.apply``.  Sites ``convert`` cannot replace (a BN module called more
     than once) are left out.  Raises ``ValueError`` when no choice fits the budget, giving the smallest figure.
+    The chosen plan is applied and measured once (``Plan.measured_bytes``): it is within ``budget`` as measured,
+    not only as predicted from the per-site deltas.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ckptnorm: plan needs an nn.Module, got {type(model).__name__}; tip: pass the model")
@@ -291,7 +299,28 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
     del baseline
     baseline_time = statistics.median(baseline_times)
     budget_bytes = _budget_bytes(budget, baseline_bytes)
-    return _solve(candidates, baseline_bytes, baseline_time, budget_bytes, inplace)
+    return _verified(model, inputs, candidates, baseline_bytes, baseline_time, budget_bytes, inplace)
+
+
+# Per-site deltas are measured one site at a time; sites interact a little (a recomputed output read by a residual
+# site, an input written over in place), so the sum may miss the applied plan's bytes by a few buffers.  The plan
+# is therefore applied and measured, and re-solved with a budget tightened by the excess until it fits.
+MAX_REFITS = 4
+
+
+def _verified(model, inputs, candidates, baseline_bytes, baseline_time, budget_bytes, inplace):
+    target = budget_bytes
+    for _ in range(MAX_REFITS + 1):
+        result = _solve(candidates, baseline_bytes, baseline_time, target, inplace)
+        _, measured = _prepare(model, result.strategies, inputs, inplace)
+        if measured <= budget_bytes:
+            break
+        target -= measured - budget_bytes
+    else:
+        raise ValueError(f"ckptnorm: the plans chosen for a budget of {budget_bytes:,d} bytes measure "
+                         f"{measured:,d} bytes once applied (site interactions); tip: raise the budget a little")
+    result.budget_bytes, result.measured_bytes = int(budget_bytes), int(measured)
+    return result
 
 
 def _solve(candidates, baseline_bytes, baseline_time, budget_bytes, inplace="auto") -> Plan:

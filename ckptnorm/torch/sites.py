@@ -6,9 +6,12 @@ A *site* is one call of a plain ``nn.BatchNorm1d/2d/3d`` module.  With ``torch.f
   recognized: modules ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.ELU``, ``nn.SiLU``, ``nn.GELU`` (exact form only),
   ``nn.Identity``; functions ``F.relu``, ``torch.relu``, ``F.leaky_relu``, ``F.elu``, ``F.silu``, ``F.gelu`` (also
   with ``inplace=``, and their ``_`` in-place variants) and the ``Tensor.relu`` method.
-* ``BN -> add(residual) -> act`` (the end of a post-activation residual block) is a site with ``residual=True``.
-  For now such a site is converted as a BN with identity activation: the add and the activation stay separate ops
-  (fusing the residual into the layer, design note "Residual sites", is not done yet).
+* ``BN -> add(r) -> act`` (the end of a post-activation residual block), where the add and the activation each
+  have one user, is a site with ``residual=True``: ``convert`` fuses it into one layer computing
+  ``phi(BN(x) + r)`` (design note, "Residual sites").  When both operands of the add are such BN calls (a
+  projection shortcut ending in a BN), the add's first operand is the site; the other BN stays an identity site.
+  With an activation ckptnorm has no kernel for (``relu6``, ...), the site is not fused: identity activation,
+  ``unfused`` names it.
 * Any other BN (no activation user, several users, or an activation ckptnorm has no kernel for: ``relu6``,
   ``gelu(approximate='tanh')``, ...) is a site with the identity activation; ``unfused`` names the activation that
   stays a separate op when there is one.  Decision: ``relu6`` is not fused (ckptnorm has no relu6), such a BN is
@@ -53,10 +56,12 @@ class Site:
     none.  ``input_has_other_readers``: True unless the graph proves the BN input is read by nothing else -- it is
     produced by an op known to return a fresh tensor that its backward does not keep (conv, linear, pooling, add,
     cat, ...), and the BN is its only user; a model input or a shortcut reader makes it True.  ``gamma_range``:
-    (min, max) of |weight|, ``None`` without affine weight.  ``residual``: the pattern ``BN -> add -> act``, whose
-    activation is in ``residual_activation``.  ``unfused``: an activation after the BN that is not fused (e.g.
-    ``"relu6"``), or "".  ``bn_node``: fx node name of the BN call (``None`` in the fallback).  ``traced``: found by
-    fx tracing (False: Sequential fallback).  ``calls``: how many times the graph calls this BN module.
+    (min, max) of |weight|, ``None`` without affine weight.  ``residual``: the pattern ``BN -> add -> act``;
+    ``residual_activation`` is its fusable activation (then also ``activation``, with ``add_node`` the fx node of
+    the add and ``residual_node`` that of its other operand r), None when it cannot be fused.  ``unfused``: an
+    activation after the BN that is not fused (e.g. ``"relu6"``), or "".  ``bn_node``: fx node name of the BN call
+    (``None`` in the fallback).  ``traced``: found by fx tracing (False: Sequential fallback).  ``calls``: how many
+    times the graph calls this BN module.
     """
 
     name: str
@@ -73,6 +78,13 @@ class Site:
     bn_node: str | None = None
     traced: bool = True
     calls: int = 1
+    add_node: str | None = None
+    residual_node: str | None = None
+
+    @property
+    def fused_residual(self) -> bool:
+        """``convert`` fuses the add and the activation into this site's layer."""
+        return self.add_node is not None
 
 
 # -- activation matching --------------------------------------------------------------------------------------------
@@ -204,15 +216,21 @@ def _is_plain_bn(mod) -> bool:
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
-def _is_residual_add(node, bn_node) -> bool:
+def _residual_operand(node, bn_node):
+    """The other operand r when ``node`` is ``bn_node + r`` (an add of two different tensors), else None."""
     is_add = ((node.op == "call_function" and node.target in _ADDS)
               or (node.op == "call_method" and node.target in ("add", "add_")))
-    if not is_add:
-        return False
-    if node.kwargs or len(node.args) != 2:
-        return False
+    if not is_add or node.kwargs or len(node.args) != 2:
+        return None
     other = node.args[1] if node.args[0] is bn_node else node.args[0] if node.args[1] is bn_node else None
-    return isinstance(other, fx.Node) and other is not bn_node
+    return other if isinstance(other, fx.Node) and other is not bn_node else None
+
+
+def _claims_residual(bn_node, other, modules) -> bool:
+    """When both operands of the add are single-user BN calls, only the add's first operand takes the site."""
+    other_is_bn = (other.op == "call_module" and _is_plain_bn(modules.get(other.target)) and len(other.users) == 1)
+    add = next(iter(bn_node.users))
+    return not other_is_bn or add.args[0] is bn_node
 
 
 def graph_sites(gm: fx.GraphModule) -> list:
@@ -228,6 +246,7 @@ def graph_sites(gm: fx.GraphModule) -> list:
             continue
         bn = modules[node.target]
         act, act_node, residual, res_act, unfused = IDENTITY, None, False, None, ""
+        add_node = residual_node = None
         users = list(node.users)
         if len(users) == 1:
             user = users[0]
@@ -238,13 +257,17 @@ def graph_sites(gm: fx.GraphModule) -> list:
                     act, act_node = fused, user.name
                 else:
                     unfused = found[0]
-            elif _is_residual_add(user, node) and len(user.users) == 1:
+            elif _residual_operand(user, node) is not None and len(user.users) == 1:
+                other = _residual_operand(user, node)
                 nxt = next(iter(user.users))
                 found = _node_activation(nxt, modules, user)
-                if found is not None:
+                if found is not None and _claims_residual(node, other, modules):
                     residual = True
                     res_act = _as_activation(found)
-                    unfused = found[0]
+                    if res_act is None:
+                        unfused = found[0]
+                    else:
+                        act, act_node, add_node, residual_node = res_act, nxt.name, user.name, other.name
         inp = node.args[0] if node.args else None
         readers = True
         if isinstance(inp, fx.Node) and inp.op not in ("placeholder", "get_attr"):
@@ -252,7 +275,8 @@ def graph_sites(gm: fx.GraphModule) -> list:
         meta = node.meta.get("tensor_meta")
         shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
         sites.append(Site(node.target, type(bn), act, act_node, bn.num_features, shape, readers, _gamma_range(bn),
-                          residual, res_act, unfused, node.name, True, bn_calls[node.target]))
+                          residual, res_act, unfused, node.name, True, bn_calls[node.target], add_node,
+                          residual_node))
     return sites
 
 
