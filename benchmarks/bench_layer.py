@@ -1,9 +1,13 @@
-"""One BatchNormAct2d layer (leaky_relu, float32, NCHW): forward+backward time and bytes kept for backward."""
+"""One BN + LeakyReLU layer: forward and forward+backward time, bytes kept for backward, peak host memory.
+
+``LayerForwardBackward`` (float32, NCHW, ckptnorm strategies only) is the original benchmark, kept for its history;
+``BatchNormAct2dLayer`` adds dtype, layout and PyTorch's native layer as a baseline."""
 import torch
 
 from ckptnorm.torch import BatchNormAct2d, SavedTensorsCounter
 
-from .common import LAYER_SHAPES, STRATEGIES, layer_inputs, parse_shape
+from .common import (DTYPES, LAYER_SHAPES, LAYOUTS, SHAPES, STRATEGIES, VARIANTS, activation_inputs, forward_backward,
+                     layer_inputs, layer_saved_bytes, make_layer, parse_shape, warm_layer)
 
 
 class LayerForwardBackward:
@@ -31,5 +35,37 @@ class LayerForwardBackward:
             out = torch.nn.functional.conv2d(self.layer(x), weight)
         out.sum().backward()
         return counter.saved_bytes
+
+    track_saved_bytes.unit = "bytes"
+
+
+class BatchNormAct2dLayer:
+    """One BN + LeakyReLU layer over variant x shape x dtype x layout; variant ``native`` is PyTorch's BatchNorm2d +
+    in-place LeakyReLU, so each strategy's ratio to it can be read off the same run.
+
+    ``peakmem_forward_backward`` is asv's peak resident set size of the benchmark process (setup included, so setup
+    allocates only the inputs and warms the kernels on a tiny input)."""
+
+    params = [VARIANTS, SHAPES, DTYPES, LAYOUTS]
+    param_names = ["strategy", "shape", "dtype", "layout"]
+    timeout = 300  # the largest target shape in float64 takes about a second per call on 2 cores
+
+    def setup(self, strategy, shape, dtype, layout):
+        warm_layer(strategy, dtype, layout)
+        self.x, self.dz = activation_inputs(shape, dtype, layout)
+        self.layer = make_layer(strategy, parse_shape(shape)[1], dtype)
+
+    def time_forward(self, strategy, shape, dtype, layout):
+        with torch.no_grad():
+            self.layer(self.x)
+
+    def time_forward_backward(self, strategy, shape, dtype, layout):
+        forward_backward(self.layer, self.x, self.dz)
+
+    def peakmem_forward_backward(self, strategy, shape, dtype, layout):
+        forward_backward(self.layer, self.x, self.dz)
+
+    def track_saved_bytes(self, strategy, shape, dtype, layout):
+        return layer_saved_bytes(self.layer, self.x)
 
     track_saved_bytes.unit = "bytes"

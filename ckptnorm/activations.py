@@ -45,6 +45,18 @@ class Activation:
         return _CODES[self.name]
 
     @property
+    def linear_slope(self) -> "float | None":
+        """phi'(y) for y < 0 when phi is piecewise linear (identity 1, relu 0, leaky_relu a), else None.
+
+        The CPU backend runs these activations through branch-free kernels (``cpu_kernels_linear``)."""
+        return {"identity": 1.0, "relu": 0.0, "leaky_relu": self.param}.get(self.name)
+
+    @property
+    def derivative_at_zero(self) -> float:
+        """phi'(0) as every implementation here takes it: 0 for relu, 1 for the others."""
+        return 0.0 if self.name == "relu" else 1.0
+
+    @property
     def invertible(self) -> bool:
         """True when z = phi(y) determines y (needed by ``inplace_abn``)."""
         if self.name == "identity":

@@ -1,4 +1,6 @@
-"""Numba CPU backend: dispatches the primitives of ``Backend`` to the kernels in ``cpu_kernels``.
+"""Numba CPU backend: dispatches the primitives of ``Backend`` to the kernels in ``cpu_kernels_linear``
+(identity, relu, leaky_relu: branch-free, one pass without scratch) or ``cpu_kernels`` (statistics, and the smooth
+activations elu, silu, gelu, evaluated per tile).
 
 Kernels are compiled lazily on first use (one compilation per dtype/layout signature) and cached on disk by
 Numba (``cache=True``), so a second process pays no JIT cost.
@@ -10,14 +12,27 @@ import numpy as np
 from .base import Backend
 
 
-def _kernels():
-    # Imported on first use so that ``import ckptnorm`` stays cheap and does not load Numba's compiler.
+def _kernels(act=None):
+    """The kernel module for ``act``: branch-free kernels for piecewise-linear activations, tiled ones otherwise.
+
+    Imported on first use so that ``import ckptnorm`` stays cheap and does not load Numba's compiler."""
+    if act is not None and act.linear_slope is not None:
+        from . import cpu_kernels_linear
+        return cpu_kernels_linear
     from . import cpu_kernels
     return cpu_kernels
 
 
 def _per_channel(values):
     return np.ascontiguousarray(values, dtype=np.float64)
+
+
+def _act_args(act, from_output=False):
+    """The activation arguments of a kernel: (slope, phi'(0)) for the linear kernels (slope only from z), (code,
+    param) for the tiled ones."""
+    if act.linear_slope is None:
+        return act.kernel_code, act.param
+    return (act.linear_slope,) if from_output else (act.linear_slope, act.derivative_at_zero)
 
 
 class CPUBackend(Backend):
@@ -30,29 +45,29 @@ class CPUBackend(Backend):
         return (mean, var, xmin, xmax) if with_range else (mean, var, None, None)
 
     def normalize_act(self, x, out, layout, mean, scale, beta, act, residual=None):
-        getattr(_kernels(), "normalize_act_" + layout)(
-            x, out, _per_channel(mean), _per_channel(scale), _per_channel(beta), act.kernel_code, act.param, residual)
+        getattr(_kernels(act), "normalize_act_" + layout)(
+            x, out, _per_channel(mean), _per_channel(scale), _per_channel(beta), *_act_args(act, True), residual)
 
     def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act, residual=None):
         sum_dy, sum_dy_xhat = np.empty(len(mean)), np.empty(len(mean))
-        getattr(_kernels(), "reduce_from_input_" + layout)(
+        getattr(_kernels(act), "reduce_from_input_" + layout)(
             x, dz, _per_channel(mean), _per_channel(invstd), _per_channel(scale), _per_channel(beta),
-            act.kernel_code, act.param, sum_dy, sum_dy_xhat, residual)
+            *_act_args(act), sum_dy, sum_dy_xhat, residual)
         return sum_dy, sum_dy_xhat
 
     def reduce_from_output(self, z, dz, layout, beta, act, residual=None):
         sum_dy, sum_dy_ybeta = np.empty(len(beta)), np.empty(len(beta))
-        getattr(_kernels(), "reduce_from_output_" + layout)(
-            z, dz, _per_channel(beta), act.kernel_code, act.param, sum_dy, sum_dy_ybeta, residual)
+        getattr(_kernels(act), "reduce_from_output_" + layout)(
+            z, dz, _per_channel(beta), *_act_args(act, True), sum_dy, sum_dy_ybeta, residual)
         return sum_dy, sum_dy_ybeta
 
     def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const, residual=None,
                       dres=None):
-        getattr(_kernels(), "dx_from_input_" + layout)(
-            x, dz, dx, _per_channel(mean), _per_channel(scale), _per_channel(beta), act.kernel_code, act.param,
+        getattr(_kernels(act), "dx_from_input_" + layout)(
+            x, dz, dx, _per_channel(mean), _per_channel(scale), _per_channel(beta), *_act_args(act),
             _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const), residual, dres)
 
     def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const, residual=None, dres=None):
-        getattr(_kernels(), "dx_from_output_" + layout)(
-            z, dz, dx, _per_channel(beta), act.kernel_code, act.param,
+        getattr(_kernels(act), "dx_from_output_" + layout)(
+            z, dz, dx, _per_channel(beta), *_act_args(act, True),
             _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const), residual, dres)

@@ -1,0 +1,31 @@
+"""Whole training steps of the built-in default model (``ckptnorm.models.get_model()``, a pre-activation ResNet with
+LeakyReLU), as written (``original``) and converted to each strategy, like the rows of ``ckptnorm compare``."""
+from .common import MODEL_INPUT, STRATEGIES, make_model, model_input, train_step
+
+
+class ModelTrainStep:
+    params = [["original"] + STRATEGIES, [MODEL_INPUT]]
+    param_names = ["strategy", "input"]
+    timeout = 300
+
+    def setup(self, strategy, input_shape):
+        self.model = make_model(strategy)
+        train_step(self.model, model_input("2x3x8x8"))  # kernels compiled or loaded on a tiny input (peakmem)
+        self.x = model_input(input_shape)
+
+    def time_train_step(self, strategy, input_shape):
+        train_step(self.model, self.x)
+
+    def peakmem_train_step(self, strategy, input_shape):
+        train_step(self.model, self.x)
+
+    def track_saved_bytes(self, strategy, input_shape):
+        """Bytes kept for backward by one forward (exact; parameters, buffers and the input excluded)."""
+        from ckptnorm.torch import SavedTensorsCounter
+        self.model.zero_grad(set_to_none=True)
+        with SavedTensorsCounter(exclude=[self.model, self.x]) as counter:
+            out = self.model(self.x)
+        out.sum().backward()
+        return counter.saved_bytes
+
+    track_saved_bytes.unit = "bytes"

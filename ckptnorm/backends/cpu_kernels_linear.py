@@ -1,0 +1,276 @@
+"""Numba CPU kernels for the piecewise-linear activations -- identity, relu, leaky_relu -- without tiles.
+
+Same primitives, layouts, arguments and invariants as ``cpu_kernels`` (read its docstring first); the difference is
+how phi is evaluated.  ``cpu_kernels`` branches on the activation code once per tile and streams each tile through
+float64 scratch arrays, because a branch on a runtime code inside a ``prange`` body keeps the loop from
+vectorizing (Numba outlines the body, so the code is not a compile-time constant there).  A piecewise-linear phi
+needs no code at all: with ``slope`` = phi'(y) for y < 0 (identity 1, relu 0, leaky_relu a) and ``at_zero`` =
+phi'(0) (relu 0, the others 1),
+
+    phi(y)    = y if y > 0 else slope * y           (+ 0.0: relu gives +0.0, not -0.0, for y < 0)
+    phi'(y)   = 1 if y > 0 else (slope if y < 0 else at_zero)
+    inverse   y = z if z >= 0 else z / slope,  phi' = 1 if z >= 0 else slope     (slope > 0 only)
+
+are selects that vectorize in one pass over the data, with no scratch arrays: each element is loaded once, the
+float64 math stays in registers, and the result is stored once.  ``CPUBackend`` sends these three activations
+here and the smooth ones (elu, silu, gelu) to ``cpu_kernels``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .cpu_kernels import _chunking, _combine, _jit, _reduce_jit
+
+
+@njit(inline="always", **_jit)
+def _phi(y, slope):
+    return (y if y > 0.0 else slope * y) + 0.0
+
+
+@njit(inline="always", **_jit)
+def _grad(y, slope, at_zero):
+    return 1.0 if y > 0.0 else (slope if y < 0.0 else at_zero)
+
+
+@njit(inline="always", **_jit)
+def _inverse(z, slope):
+    return z if z >= 0.0 else z / slope
+
+
+@njit(inline="always", **_jit)
+def _grad_from_output(z, slope):
+    return 1.0 if z >= 0.0 else slope
+
+
+# -- normalize + activation ---------------------------------------------------------------------------------------
+@njit(parallel=True, **_jit)
+def normalize_act_ncs(x, out, mean, scale, beta, slope, residual):
+    n_batch, channels, spatial = x.shape
+    for i in prange(n_batch * channels):
+        n = i // channels
+        c = i - n * channels
+        m, a, b = mean[c], scale[c], beta[c]
+        x_r, out_r = x[n, c], out[n, c]
+        if residual is None:
+            for s in range(spatial):
+                out_r[s] = _phi((np.float64(x_r[s]) - m) * a + b, slope)
+        else:
+            r_r = residual[n, c]
+            for s in range(spatial):
+                out_r[s] = _phi((np.float64(x_r[s]) - m) * a + b + np.float64(r_r[s]), slope)
+
+
+@njit(parallel=True, **_jit)
+def normalize_act_nsc(x, out, mean, scale, beta, slope, residual):
+    n_batch, spatial, channels = x.shape
+    rows = n_batch * spatial
+    n_chunks, per_chunk = _chunking(rows)
+    for k in prange(n_chunks):
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
+            n = r // spatial
+            s = r - n * spatial
+            x_r, out_r = x[n, s], out[n, s]
+            if residual is None:
+                for c in range(channels):
+                    out_r[c] = _phi((np.float64(x_r[c]) - mean[c]) * scale[c] + beta[c], slope)
+            else:
+                r_r = residual[n, s]
+                for c in range(channels):
+                    out_r[c] = _phi((np.float64(x_r[c]) - mean[c]) * scale[c] + beta[c] + np.float64(r_r[c]), slope)
+
+
+# -- backward reductions ------------------------------------------------------------------------------------------
+@njit(parallel=True, **_reduce_jit)
+def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_dy, sum_dy_xhat, residual):
+    n_batch, channels, spatial = x.shape
+    for c in prange(channels):
+        m, a, b = mean[c], scale[c], beta[c]
+        s_dy = 0.0
+        s_dyu = 0.0
+        for n in range(n_batch):
+            x_r, dz_r = x[n, c], dz[n, c]
+            if residual is None:
+                for s in range(spatial):
+                    u = np.float64(x_r[s]) - m
+                    dy = np.float64(dz_r[s]) * _grad(u * a + b, slope, at_zero)
+                    s_dy += dy
+                    s_dyu += dy * u
+            else:
+                r_r = residual[n, c]
+                for s in range(spatial):
+                    u = np.float64(x_r[s]) - m
+                    dy = np.float64(dz_r[s]) * _grad(u * a + b + np.float64(r_r[s]), slope, at_zero)
+                    s_dy += dy
+                    s_dyu += dy * u
+        sum_dy[c] = s_dy
+        sum_dy_xhat[c] = s_dyu * invstd[c]
+
+
+@njit(parallel=True, **_reduce_jit)
+def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_dy, sum_dy_xhat, residual):
+    n_batch, spatial, channels = x.shape
+    rows = n_batch * spatial
+    n_chunks, per_chunk = _chunking(rows)
+    part = np.zeros((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        acc_dy, acc_dyu = part[k, 0], part[k, 1]
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
+            n = r // spatial
+            s = r - n * spatial
+            x_r, dz_r = x[n, s], dz[n, s]
+            for c in range(channels):
+                u = np.float64(x_r[c]) - mean[c]
+                y = u * scale[c] + beta[c]
+                if residual is not None:
+                    y += np.float64(residual[n, s, c])
+                dy = np.float64(dz_r[c]) * _grad(y, slope, at_zero)
+                acc_dy[c] += dy
+                acc_dyu[c] += dy * u
+    _combine(part, sum_dy, sum_dy_xhat)
+    for c in range(channels):
+        sum_dy_xhat[c] *= invstd[c]
+
+
+@njit(parallel=True, **_reduce_jit)
+def reduce_from_output_ncs(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
+    n_batch, channels, spatial = z.shape
+    for c in prange(channels):
+        b = beta[c]
+        s_dy = 0.0
+        s_dyy = 0.0
+        for n in range(n_batch):
+            z_r, dz_r = z[n, c], dz[n, c]
+            if residual is None:
+                for s in range(spatial):
+                    v = np.float64(z_r[s])
+                    dy = np.float64(dz_r[s]) * _grad_from_output(v, slope)
+                    s_dy += dy
+                    s_dyy += dy * (_inverse(v, slope) - b)
+            else:
+                r_r = residual[n, c]
+                for s in range(spatial):
+                    v = np.float64(z_r[s])
+                    dy = np.float64(dz_r[s]) * _grad_from_output(v, slope)
+                    s_dy += dy
+                    s_dyy += dy * (_inverse(v, slope) - np.float64(r_r[s]) - b)
+        sum_dy[c] = s_dy
+        sum_dy_ybeta[c] = s_dyy
+
+
+@njit(parallel=True, **_reduce_jit)
+def reduce_from_output_nsc(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
+    n_batch, spatial, channels = z.shape
+    rows = n_batch * spatial
+    n_chunks, per_chunk = _chunking(rows)
+    part = np.zeros((n_chunks, 2, channels))
+    for k in prange(n_chunks):
+        acc_dy, acc_dyy = part[k, 0], part[k, 1]
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
+            n = r // spatial
+            s = r - n * spatial
+            z_r, dz_r = z[n, s], dz[n, s]
+            for c in range(channels):
+                v = np.float64(z_r[c])
+                y = _inverse(v, slope)
+                if residual is not None:
+                    y -= np.float64(residual[n, s, c])
+                dy = np.float64(dz_r[c]) * _grad_from_output(v, slope)
+                acc_dy[c] += dy
+                acc_dyy[c] += dy * (y - beta[c])
+    _combine(part, sum_dy, sum_dy_ybeta)
+
+
+# -- dx (and dres = dy at residual sites) ---------------------------------------------------------------------------
+@njit(parallel=True, **_jit)
+def dx_from_input_ncs(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coef_u, coef_const, residual, dres):
+    n_batch, channels, spatial = x.shape
+    for i in prange(n_batch * channels):
+        n = i // channels
+        c = i - n * channels
+        m, a, b = mean[c], scale[c], beta[c]
+        k_dy, k_u, k_0 = coef_dy[c], coef_u[c], coef_const[c]
+        x_r, dz_r, dx_r = x[n, c], dz[n, c], dx[n, c]
+        if residual is None:
+            for s in range(spatial):
+                u = np.float64(x_r[s]) - m
+                dy = np.float64(dz_r[s]) * _grad(u * a + b, slope, at_zero)
+                dx_r[s] = k_dy * dy + k_u * u + k_0
+                if dres is not None:
+                    dres[n, c, s] = dy
+        else:
+            r_r = residual[n, c]
+            for s in range(spatial):
+                u = np.float64(x_r[s]) - m
+                dy = np.float64(dz_r[s]) * _grad(u * a + b + np.float64(r_r[s]), slope, at_zero)
+                dx_r[s] = k_dy * dy + k_u * u + k_0
+                if dres is not None:
+                    dres[n, c, s] = dy
+
+
+@njit(parallel=True, **_jit)
+def dx_from_input_nsc(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coef_u, coef_const, residual, dres):
+    n_batch, spatial, channels = x.shape
+    rows = n_batch * spatial
+    n_chunks, per_chunk = _chunking(rows)
+    for k in prange(n_chunks):
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
+            n = r // spatial
+            s = r - n * spatial
+            x_r, dz_r, dx_r = x[n, s], dz[n, s], dx[n, s]
+            for c in range(channels):
+                u = np.float64(x_r[c]) - mean[c]
+                y = u * scale[c] + beta[c]
+                if residual is not None:
+                    y += np.float64(residual[n, s, c])
+                dy = np.float64(dz_r[c]) * _grad(y, slope, at_zero)
+                dx_r[c] = coef_dy[c] * dy + coef_u[c] * u + coef_const[c]
+                if dres is not None:
+                    dres[n, s, c] = dy
+
+
+@njit(parallel=True, **_jit)
+def dx_from_output_ncs(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, residual, dres):
+    n_batch, channels, spatial = z.shape
+    for i in prange(n_batch * channels):
+        n = i // channels
+        c = i - n * channels
+        b = beta[c]
+        k_dy, k_u, k_0 = coef_dy[c], coef_u[c], coef_const[c]
+        z_r, dz_r, dx_r = z[n, c], dz[n, c], dx[n, c]
+        if residual is None:
+            for s in range(spatial):
+                v = np.float64(z_r[s])
+                dy = np.float64(dz_r[s]) * _grad_from_output(v, slope)
+                dx_r[s] = k_dy * dy + k_u * (_inverse(v, slope) - b) + k_0
+                if dres is not None:
+                    dres[n, c, s] = dy
+        else:
+            r_r = residual[n, c]
+            for s in range(spatial):
+                v = np.float64(z_r[s])
+                dy = np.float64(dz_r[s]) * _grad_from_output(v, slope)
+                dx_r[s] = k_dy * dy + k_u * (_inverse(v, slope) - np.float64(r_r[s]) - b) + k_0
+                if dres is not None:
+                    dres[n, c, s] = dy
+
+
+@njit(parallel=True, **_jit)
+def dx_from_output_nsc(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, residual, dres):
+    n_batch, spatial, channels = z.shape
+    rows = n_batch * spatial
+    n_chunks, per_chunk = _chunking(rows)
+    for k in prange(n_chunks):
+        for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
+            n = r // spatial
+            s = r - n * spatial
+            z_r, dz_r, dx_r = z[n, s], dz[n, s], dx[n, s]
+            for c in range(channels):
+                v = np.float64(z_r[c])
+                y = _inverse(v, slope)
+                if residual is not None:
+                    y -= np.float64(residual[n, s, c])
+                dy = np.float64(dz_r[c]) * _grad_from_output(v, slope)
+                dx_r[c] = coef_dy[c] * dy + coef_u[c] * (y - beta[c]) + coef_const[c]
+                if dres is not None:
+                    dres[n, s, c] = dy
