@@ -23,6 +23,10 @@ Invariants:
  3. A strategy that cannot produce an accurate gradient from what it keeps keeps more (``InplaceABN``), never less.
  4. The per-channel math between kernel calls in the backward path uses arithmetic operators only, so a backend
     may return its per-channel results as device arrays of its framework and nothing waits for the device.
+ 5. Synchronized BatchNorm (several processes, each with part of the batch) is one optional ``Reducer`` argument:
+    the statistics and the backward sums become those of the union of the batches, m the global count; the
+    fused kernels never know.  Everything a keep decision reads is merged too, so every process keeps the same
+    names and runs the same backward path (their sums are then like terms).
 """
 from __future__ import annotations
 
@@ -69,6 +73,47 @@ def batch_statistics(backend, x, layout, eps, with_range=False):
     return mean, var, (var + eps) ** -0.5, xmin, xmax
 
 
+class Reducer:
+    """Combines per-channel values across the processes of a synchronized BatchNorm (data-parallel training).
+
+    A framework adapter implements it with its collectives (``ckptnorm.torch.sync.ProcessGroupReducer``:
+    torch.distributed).  Arrays are float64 per channel, of the backend's kind (NumPy, or the framework's device
+    arrays); results must be of the same kind and identical on every process.
+    """
+
+    def merge_stats(self, count, mean, var, extrema=()):
+        """Statistics of the union of every process's batch: ``(count, mean, var, extrema)``.
+
+        ``count`` (int), ``mean`` and the biased ``var`` describe this process's batch (count may be 0: then mean
+        and var are ignored); ``extrema`` is a tuple of per-channel ``(low, high)`` pairs merged by min and max.
+        One exchange per call.  The returned count is an int, the same on every process.
+        """
+        raise NotImplementedError
+
+    def sum_channels(self, *arrays):
+        """Per-channel arrays summed over the processes (one exchange for all of them), as a tuple."""
+        raise NotImplementedError
+
+
+def merged_statistics(backend, x, layout, eps, reducer, with_range=False, residual_range=None):
+    """Batch statistics over every process's batch: ``(count, mean, var, invstd, xmin, xmax, residual_range)``.
+
+    One exchange: this process's (count, mean, var), the range of x when ``with_range`` and ``residual_range``
+    (the per-channel (min, max) of a residual, or None) travel together.
+    """
+    count = elements_per_channel(x.shape, layout)
+    mean, var, xmin, xmax = backend.channel_stats(x, layout, with_range)
+    extrema = ((xmin, xmax),) if with_range else ()
+    if residual_range is not None:
+        extrema += (tuple(residual_range),)
+    count, mean, var, extrema = reducer.merge_stats(count, mean, var, extrema)
+    if with_range:
+        (xmin, xmax), extrema = extrema[0], extrema[1:]
+    if residual_range is not None:
+        residual_range = extrema[0]
+    return count, mean, var, (var + eps) ** -0.5, xmin, xmax, residual_range
+
+
 def updated_running_stats(running_mean, running_var, mean, var, count, factor):
     """New running statistics: (1 - factor) * running + factor * batch, with the unbiased variance (m / (m - 1)).
 
@@ -79,14 +124,19 @@ def updated_running_stats(running_mean, running_var, mean, var, count, factor):
 
 
 def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count, residual=None,
-                        dres=None):
-    """Reduce then write dx (and dres = dy when given), both recomputing y from x.  Returns (dgamma, dbeta)."""
+                        dres=None, reducer=None):
+    """Reduce then write dx (and dres = dy when given), both recomputing y from x.  Returns (dgamma, dbeta).
+
+    With a ``reducer`` (synchronized BN, training) dx uses the sums over every process and ``count`` is the global
+    m; the returned dgamma, dbeta stay this process's share (data parallelism sums or averages them itself)."""
     scale = gamma * invstd
     sum_dy, sum_dy_xhat = backend.reduce_from_input(x, dz, layout, mean, invstd, scale, beta, act, residual)
     if dx is not None:
         if training:
-            coef_u = -scale * invstd * sum_dy_xhat / count
-            coef_const = -scale * sum_dy / count
+            all_dy, all_dy_xhat = ((sum_dy, sum_dy_xhat) if reducer is None
+                                   else reducer.sum_channels(sum_dy, sum_dy_xhat))
+            coef_u = -scale * invstd * all_dy_xhat / count
+            coef_const = -scale * all_dy / count
         else:
             coef_u = coef_const = scale * 0.0
         backend.dx_from_input(x, dz, dx, layout, mean, scale, beta, act, scale, coef_u, coef_const, residual, dres)
@@ -94,15 +144,17 @@ def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, a
 
 
 def backward_from_output(backend, z, dz, dx, layout, invstd, gamma, beta, act, training, count, residual=None,
-                         dres=None):
+                         dres=None, reducer=None):
     """Reduce then write dx (and dres = dy when given) from z (y = phi^-1(z) [- r], no xhat).  Returns (dgamma,
-    dbeta) as float64."""
+    dbeta) as float64.  ``reducer``: as in ``backward_from_input``."""
     sum_dy, sum_dy_ybeta = backend.reduce_from_output(z, dz, layout, beta, act, residual)
     if dx is not None:
         scale = gamma * invstd
         if training:
-            coef_u = -invstd * sum_dy_ybeta / (gamma * count)
-            coef_const = -scale * sum_dy / count
+            all_dy, all_dy_ybeta = ((sum_dy, sum_dy_ybeta) if reducer is None
+                                    else reducer.sum_channels(sum_dy, sum_dy_ybeta))
+            coef_u = -invstd * all_dy_ybeta / (gamma * count)
+            coef_const = -scale * all_dy / count
         else:
             coef_u = coef_const = scale * 0.0
         backend.dx_from_output(z, dz, dx, layout, beta, act, scale, coef_u, coef_const, residual, dres)
@@ -125,46 +177,65 @@ class Strategy:
                 f"ckptnorm: strategy {self.name!r} needs an invertible activation, got {act.describe()}; tip: use "
                 "identity, leaky_relu with slope > 0 or elu with alpha > 0, or strategy='efficient_checkpoint'")
 
-    def plan(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var, residual=None):
+    def plan(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var, residual=None,
+             reducer=None):
         """Compute the statistics for this call and decide what to keep.  Does not touch running stats.
 
         Per-channel arguments are float64 arrays of the backend's kind (running ones only used in eval mode).
         ``residual``: the r of a residual site z = phi(BN(x) + r) (then "residual" is kept too), or None.
+        ``reducer``: a ``Reducer`` for synchronized BN (used in training only: eval mode never communicates); the
+        plan's statistics and count are then global.
         """
         count = elements_per_channel(x.shape, layout)
-        xmin = xmax = None
-        if training:
+        xmin = xmax = residual_range = None
+        if training and reducer is not None:
+            if residual is not None and self.needs_residual_range(act):
+                residual_range = backend.channel_stats(residual, layout, with_range=True)[2:]
+            count, mean, var, invstd, xmin, xmax, residual_range = merged_statistics(
+                backend, x, layout, eps, reducer, self.needs_input_range(act), residual_range)
+        elif training:
             mean, var, invstd, xmin, xmax = batch_statistics(backend, x, layout, eps, self.needs_input_range(act))
         else:
             mean, var, invstd = running_mean, None, (running_var + eps) ** -0.5
-        keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual)
+        keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual,
+                                  residual_range)
         if residual is not None:
             keep = keep + ("residual",)
         plan = ForwardPlan(mean, invstd, var, count, keep, reason)
         plan.set_affine(gamma)
         return plan
 
-    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual):
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual,
+              residual_range=None):
         return self.keeps, ""
 
     def needs_input_range(self, act) -> bool:
         """Whether ``_keep`` needs the per-channel min/max of x (computed with the statistics in training)."""
         return False
 
-    def backward(self, backend, saved, dz, dx, layout, gamma, beta, act, training, eps, count, dres=None):
+    def needs_residual_range(self, act) -> bool:
+        """Whether ``_keep`` reads the per-channel min/max of a residual (merged across processes when synced)."""
+        return False
+
+    def backward(self, backend, saved, dz, dx, layout, gamma, beta, act, training, eps, count, dres=None,
+                 reducer=None):
         """``saved`` maps the names in ``plan.keep`` to arrays.  Writes dx (if not None) and, at a residual site,
-        the residual's gradient into ``dres`` (if not None; needs dx); returns (dgamma, dbeta)."""
+        the residual's gradient into ``dres`` (if not None; needs dx); returns (dgamma, dbeta).  ``reducer``: the
+        forward's (training only); ``count`` is then the global m."""
         residual = saved.get("residual")
+        reducer = reducer if training else None
         if "z" in saved and "x" not in saved:
             return backward_from_output(backend, saved["z"], dz, dx, layout, saved["invstd"], gamma, beta, act,
-                                        training, count, residual, dres)
+                                        training, count, residual, dres, reducer)
         x = saved["x"]
         if "mean" in saved:
             mean, invstd = saved["mean"], saved["invstd"]
+        elif reducer is not None:  # synced checkpoint: the recomputed statistics must be the global ones again
+            count, mean, _, invstd, _, _, _ = merged_statistics(backend, x, layout, eps, reducer)
         else:  # checkpoint: recompute the statistics (a full reduction pass over x)
             mean, _, invstd, _, _ = batch_statistics(backend, x, layout, eps)
         return backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count,
-                                   residual, dres)
+                                   residual, dres, reducer)
 
     def __repr__(self):
         return f"{type(self).__name__}()"
@@ -186,7 +257,8 @@ class Checkpoint(Strategy):
     recomputes = ("mean", "var", "y", "z")
     rematerializes_output = True
 
-    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual):
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual,
+              residual_range=None):
         # Eval mode has no batch statistics to recompute; the running ones are per-channel, so keep them.
         return (("x",) if training else ("x", "mean", "invstd")), ""
 
@@ -221,8 +293,10 @@ class InplaceABN(Strategy):
     may_overwrite_input = True
     MAX_LOST_BITS = 5
 
-    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual):
-        reason = self.fallback_reason(backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax, residual)
+    def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual,
+              residual_range=None):
+        reason = self.fallback_reason(backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax, residual,
+                                      residual_range)
         if reason:
             warnings.warn(f"ckptnorm: inplace_abn keeps x for this call: {reason}", PrecisionFallbackWarning,
                           stacklevel=4)
@@ -232,16 +306,23 @@ class InplaceABN(Strategy):
     def needs_input_range(self, act) -> bool:
         return act.name == "elu"
 
-    def fallback_reason(self, backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax, residual=None) -> str:
+    def needs_residual_range(self, act) -> bool:
+        return True
+
+    def fallback_reason(self, backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax, residual=None,
+                        residual_range=None) -> str:
         """Why this call must keep x ("" if z suffices).  Reads per-channel values on the host: on a device backend
-        this is one small synchronizing copy per forward, the price of never returning a wrong gradient."""
+        this is one small synchronizing copy per forward, the price of never returning a wrong gradient.
+        ``residual_range``: the residual's (min, max) per channel when already known (merged across processes in
+        synchronized BN, so that every process decides alike); computed here otherwise."""
         host = backend.to_host if backend is not None else np.asarray
         gamma, beta = host(gamma), host(beta)
         budget = 2.0 ** self.MAX_LOST_BITS
         rmin = rabs = 0.0
         if residual is not None:
-            _, _, rmin, rmax = backend.channel_stats(residual, layout, with_range=True)
-            rmin, rmax = host(rmin), host(rmax)
+            if residual_range is None:
+                residual_range = backend.channel_stats(residual, layout, with_range=True)[2:]
+            rmin, rmax = (host(v) for v in residual_range)
             rabs = np.maximum(np.abs(rmin), np.abs(rmax))
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = (np.abs(beta) + rabs) / np.abs(gamma)

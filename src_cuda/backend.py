@@ -3,6 +3,9 @@
 Arrays in: numba device arrays, any object with ``__cuda_array_interface__`` (a CUDA torch tensor: viewed
 zero-copy with ``numba.cuda.as_cuda_array(..., sync=False)`` right before launching), or, under Numba's CUDA
 simulator only, NumPy arrays (viewed without a copy, so aliasing and stride-0 views behave as on a device).
+Activations are float64, float32, or half precision as integer views of its bits: float16 as uint16, bfloat16 as
+int16 (``ckptnorm.backends.base``; e.g. ``t.view(torch.int16)``: a bfloat16 tensor itself has no
+``__cuda_array_interface__`` type string).
 
 Memory: every buffer the backend needs -- per-channel results and the float64 reduction partials -- comes from
 ``allocate(shape, dtype)``, so a framework adapter can have its own allocator own the memory (PyTorch's caching

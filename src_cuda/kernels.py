@@ -18,8 +18,12 @@ Math (one channel, m = N*S elements; design note ../shared/design/strategies.md)
                reduce and dx use this y and dy; the dx kernels also store dres = dy (has_dres)
 
 Invariants:
- 1. Arithmetic is float64 per element: every load is widened with ``float64(...)``, every store rounds once to
-    the output's dtype.  Only loads and stores see the storage dtype, so float16/bfloat16 need no new math.
+ 1. Arithmetic is float64 per element: every activation-sized load goes through ``widen`` and every store through
+    ``narrow`` (``ckptnorm/backends/storage.py``, shared with the CPU kernels), selected at compile time by the
+    array's element type: float32/float64 as they are, uint16 = IEEE binary16 bits, int16 = bfloat16 bits (a torch
+    bfloat16 tensor has no ``__cuda_array_interface__`` type string, so adapters pass both half formats as
+    integer views), rounded once to nearest even.  Only loads and stores see the storage format; each array has
+    its own (mixed storage works).  Per-channel arrays are float64 and loaded with ``float64(...)``.
  2. Reductions are two-level and deterministic, with no atomics anywhere: each block folds its threads' float64
     sums in shared memory in a fixed tree order and writes one partial per channel to a float64 scratch array
     ``part[quantity, channel, block]``; a finalize kernel then folds each channel's partials in block order.  The
@@ -49,6 +53,7 @@ from numba import cuda
 from numba.cuda import float64, int64
 
 from ckptnorm.activations import ELU, GELU, LEAKY_RELU, RELU, SILU  # anything else: identity
+from ckptnorm.backends.storage import narrow, widen
 
 # -- launch geometry ------------------------------------------------------------------------------------------------
 # 256 threads = 8 warps per block: enough to hide memory latency at full occupancy (8 such blocks fill an SM's
@@ -173,10 +178,10 @@ def _act_inverse(z, kind, p):
 # -- indexing helpers -----------------------------------------------------------------------------------------------
 @cuda.jit(device=True, **_jit)
 def _load(a, n, c, s, channels_last):
-    """Element (n, c, s) of a memory-order view, widened to float64."""
+    """Element (n, c, s) of a memory-order activation view, widened to float64."""
     if channels_last:
-        return float64(a[n, s, c])
-    return float64(a[n, c, s])
+        return widen(a[n, s, c])
+    return widen(a[n, c, s])
 
 
 @cuda.jit(device=True, **_jit)
@@ -379,10 +384,10 @@ def normalize_act(x, out, channels_last, mean, scale, beta, kind, p, residual, h
     b0, b1, b2 = _split3(step, d1, d2)
     while a0 < d0:
         c = a2 if channels_last else a1
-        y = (float64(x[a0, a1, a2]) - float64(mean[c])) * float64(scale[c]) + float64(beta[c])
+        y = (widen(x[a0, a1, a2]) - float64(mean[c])) * float64(scale[c]) + float64(beta[c])
         if has_residual:  # a uniform branch: without it, no load of the stand-in
-            y += float64(residual[a0, a1, a2])
-        out[a0, a1, a2] = _act_forward(y, kind, p)
+            y += widen(residual[a0, a1, a2])
+        out[a0, a1, a2] = narrow(_act_forward(y, kind, p), out)
         a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)
 
 
@@ -451,15 +456,15 @@ def dx_from_input(x, dz, dx, channels_last, mean, scale, beta, kind, p, coef_dy,
     b0, b1, b2 = _split3(step, d1, d2)
     while a0 < d0:
         c = a2 if channels_last else a1
-        u = float64(x[a0, a1, a2]) - float64(mean[c])
+        u = widen(x[a0, a1, a2]) - float64(mean[c])
         y = u * float64(scale[c]) + float64(beta[c])
         if has_residual:
-            y += float64(residual[a0, a1, a2])
-        dy = float64(dz[a0, a1, a2]) * _act_grad(y, kind, p)
+            y += widen(residual[a0, a1, a2])
+        dy = widen(dz[a0, a1, a2]) * _act_grad(y, kind, p)
         # every load above precedes both stores: dx or dres may alias x or dz
-        dx[a0, a1, a2] = float64(coef_dy[c]) * dy + float64(coef_u[c]) * u + float64(coef_const[c])
+        dx[a0, a1, a2] = narrow(float64(coef_dy[c]) * dy + float64(coef_u[c]) * u + float64(coef_const[c]), dx)
         if has_dres:
-            dres[a0, a1, a2] = dy
+            dres[a0, a1, a2] = narrow(dy, dres)
         a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)
 
 
@@ -475,12 +480,13 @@ def dx_from_output(z, dz, dx, channels_last, beta, kind, p, coef_dy, coef_u, coe
     b0, b1, b2 = _split3(step, d1, d2)
     while a0 < d0:
         c = a2 if channels_last else a1
-        y, g = _act_inverse(float64(z[a0, a1, a2]), kind, p)
+        y, g = _act_inverse(widen(z[a0, a1, a2]), kind, p)
         if has_residual:
-            y -= float64(residual[a0, a1, a2])
-        dy = float64(dz[a0, a1, a2]) * g
+            y -= widen(residual[a0, a1, a2])
+        dy = widen(dz[a0, a1, a2]) * g
         # every load above precedes both stores: dx or dres may alias z or dz
-        dx[a0, a1, a2] = float64(coef_dy[c]) * dy + float64(coef_u[c]) * (y - float64(beta[c])) + float64(coef_const[c])
+        dx_value = float64(coef_dy[c]) * dy + float64(coef_u[c]) * (y - float64(beta[c])) + float64(coef_const[c])
+        dx[a0, a1, a2] = narrow(dx_value, dx)
         if has_dres:
-            dres[a0, a1, a2] = dy
+            dres[a0, a1, a2] = narrow(dy, dres)
         a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)

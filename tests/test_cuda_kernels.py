@@ -18,11 +18,13 @@ import pytest
 import torch
 from numba import cuda
 
-from kernel_data import make, tol, to_layout, to_ncs
+from kernel_data import (HALF_FORMATS, all_half_bits, empty_as, half_from_bits, half_to_bits, make, narrowing_cases,
+                         out_tol, stored_as, to_layout, to_ncs, tol, values_of)
 from ckptnorm import get_activation
 from ckptnorm._cuda import kernels
 from ckptnorm._cuda.backend import CUDABackend, _simulated
 from ckptnorm.backends import get_backend
+from ckptnorm.backends.storage import narrow, widen
 
 SIM = _simulated()
 BACKEND = CUDABackend()
@@ -171,7 +173,8 @@ def test_kernels_compile_for_a_real_gpu():
     Needs only NVVM and libdevice, not a GPU: the device query and NVRTC's architecture lookup are stubbed in a
     subprocess.  Also checks the invariants visible in PTX: no atomics; barriers only in the partials kernels.
     Kernels with optional operands compile once per signature the backend launches: the plain path (stand-ins of
-    the kernel's own argument types, flags False) and residual/dres views of any strides, also of another dtype.
+    the kernel's own argument types, flags False) and residual/dres views of any strides, also of another dtype;
+    and activations stored as fp16 (uint16) or bf16 (int16) bits, alone and mixed with float32.
     """
     libdevice = _libdevice()
     if libdevice is None:
@@ -180,7 +183,7 @@ def test_kernels_compile_for_a_real_gpu():
         import re
         import sys
         from numba import cuda
-        from numba.cuda import boolean, float32, float64, int64
+        from numba.cuda import boolean, float32, float64, int16, int64, uint16
         # Stubs of numba-cuda internals (no GPU here): if this numba-cuda lays them out differently, skip, since
         # what is under test is our kernels, not the stubs.
         try:
@@ -205,19 +208,22 @@ def test_kernels_compile_for_a_real_gpu():
         from ckptnorm._cuda import kernels as K
         X, DZ, V, P = float32[:, :, ::1], float32[:, :, :], float64[:], float64[:, :, :]
         B, I, F = boolean, int64, float64
-        sigs = [
-            ("stats_partials", (X, B, I, I, B, P)),
-            ("stats_finalize", (X, B, P, I, B, V, V, V, V)),
-            ("sums_finalize", (P, I, V, B, V, V)),
-        ]
-        # residual (and dres) operand types: the plain path's stand-ins (x or dz, dx), any strides, float64
-        for R, D in ((X, X), (DZ, X), (P, P)):
+        # half-precision storage: fp16 bits as uint16, bf16 bits as int16
+        H, BF = uint16[:, :, ::1], int16[:, :, :]
+        sigs = []
+        for S in (X, H, BF):
+            sigs += [("stats_partials", (S, B, I, I, B, P)), ("stats_finalize", (S, B, P, I, B, V, V, V, V))]
+        sigs.append(("sums_finalize", (P, I, V, B, V, V)))
+        # (x or z, dz, residual, dx or out, dres): the plain path's stand-ins (x or dz, dx), any strides, float64;
+        # all in one half format; and mixed, each array in its own format
+        for X_, DZ_, R, D, DR in ((X, DZ, X, X, X), (X, DZ, DZ, X, X), (X, DZ, P, X, P), (H, H, H, H, H),
+                                  (BF, BF, BF, BF, BF), (H, DZ, BF, X, H)):
             sigs += [
-                ("normalize_act", (X, X, B, V, V, V, I, F, R, B)),
-                ("reduce_from_input_partials", (X, DZ, B, V, V, V, I, F, R, B, I, I, P)),
-                ("reduce_from_output_partials", (X, DZ, B, V, I, F, R, B, I, I, P)),
-                ("dx_from_input", (X, DZ, X, B, V, V, V, I, F, V, V, V, R, B, D, B)),
-                ("dx_from_output", (X, DZ, X, B, V, I, F, V, V, V, R, B, D, B)),
+                ("normalize_act", (X_, D, B, V, V, V, I, F, R, B)),
+                ("reduce_from_input_partials", (X_, DZ_, B, V, V, V, I, F, R, B, I, I, P)),
+                ("reduce_from_output_partials", (X_, DZ_, B, V, I, F, R, B, I, I, P)),
+                ("dx_from_input", (X_, DZ_, D, B, V, V, V, I, F, V, V, V, R, B, DR, B)),
+                ("dx_from_output", (X_, DZ_, D, B, V, I, F, V, V, V, R, B, DR, B)),
             ]
         for name, sig in sigs:
             ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=(9, 0))
@@ -506,6 +512,161 @@ def test_several_partials_per_channel_bitwise_deterministic(layout, shape):
     again = run()
     for a, b in zip(first, again):
         assert a.tobytes() == b.tobytes()
+
+
+# -- half-precision storage: fp16 as uint16 bits, bf16 as int16 bits ---------------------------------------------------
+@cuda.jit
+def _widen_all(stored, out):
+    i, step = cuda.grid(1), cuda.gridsize(1)
+    while i < stored.size:
+        out[i] = widen(stored[i])
+        i += step
+
+
+@cuda.jit
+def _narrow_all(values, out):
+    i, step = cuda.grid(1), cuda.gridsize(1)
+    while i < values.size:
+        out[i] = narrow(values[i], out)
+        i += step
+
+
+# The simulator runs each thread in Python: few threads, each with many elements, keep its overhead small.
+CONVERT_GRID = (4, 32) if SIM else (256, 256)
+
+
+def widened(stored):
+    out = cuda.device_array(stored.size, np.float64)
+    _widen_all[CONVERT_GRID](dev(stored), out)
+    return host(out)
+
+
+def narrowed(values, storage):
+    out = cuda.device_array(values.size, storage)
+    _narrow_all[CONVERT_GRID](dev(values), out)
+    return host(out)
+
+
+def assert_same_float64(got, want):
+    """Bit for bit; a NaN matches any NaN of the same sign (payloads are not compared)."""
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    np.testing.assert_array_equal(got[~nan].view(np.int64), want[~nan].view(np.int64))
+
+
+@pytest.mark.parametrize("fmt", HALF_FORMATS)
+def test_widen_every_bit_pattern(fmt):
+    stored = all_half_bits(fmt)
+    assert_same_float64(widened(stored), half_from_bits(stored, fmt))
+
+
+@pytest.mark.parametrize("fmt", HALF_FORMATS)
+def test_narrow_rounds_once_to_nearest_even(fmt):
+    storage = HALF_FORMATS[fmt]
+    values, want = narrowing_cases(fmt)
+    np.testing.assert_array_equal(narrowed(values, storage), want)
+    stored = all_half_bits(fmt)  # every bit pattern round-trips; NaN stays NaN, with its sign
+    wide = half_from_bits(stored, fmt)
+    back = narrowed(wide, storage)
+    nan = np.isnan(wide)
+    np.testing.assert_array_equal(back[~nan], stored[~nan])
+    assert_same_float64(half_from_bits(back, fmt), wide)
+    rng = np.random.default_rng(0)  # random values over the range against the reference (bf16: float32 values)
+    lowest, highest = (-30, 20) if fmt == "fp16" else (-140, 130)
+    x = rng.standard_normal(5000) * np.exp2(rng.integers(lowest, highest, 5000))
+    if fmt == "bf16":
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32).astype(np.float64)
+    np.testing.assert_array_equal(narrowed(x, storage), half_to_bits(x, fmt))
+
+
+def check_storage(shape, layout, act, x_kind, dz_kind, r_kind=None, out_kind=None, dres_kind=None, seed=12):
+    """Every primitive with activations stored as ``*_kind`` against float64 NumPy on the widened inputs (kinds:
+    "fp16", "bf16", "f32"); outputs within a couple of units of their format's rounding, per-channel sums tight
+    (float64 over exactly the widened inputs).  ``r_kind`` None: no residual."""
+    out_kind = out_kind or x_kind
+    x, dz, mean, invstd, gamma, beta = make(shape, np.float64, seed)
+    scale = gamma * invstd
+    xs, x64 = stored_as(x, x_kind)
+    dzs, dz64 = stored_as(dz, dz_kind)
+    u = x64 - bc(mean)
+    y = u * bc(scale) + bc(beta)
+    res, r64 = {}, 0.0
+    if r_kind is not None:
+        rs, r64 = stored_as(np.random.default_rng(seed + 1).standard_normal(shape) * 1.5, r_kind)
+        res = dict(residual=dev(to_layout(rs, layout)))
+    dy = dz64 * act.derivative(y + r64)
+    xl = to_layout(xs, layout)
+    xd, dzd = dev(xl), dev(to_layout(dzs, layout))
+    m_d, s_d, b_d, i_d = dev(mean), dev(scale), dev(beta), dev(invstd)
+    k_dy, k_u, k_0 = coefs(shape[1])
+    k_d = [dev(k) for k in (k_dy, k_u, k_0)]
+    sums = dict(rtol=1e-9, atol=1e-9)
+
+    mean_k, var_k, lo, hi = (host(a) for a in BACKEND.channel_stats(xd, layout, with_range=True))
+    np.testing.assert_allclose(mean_k, x64.mean(axis=(0, 2)), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(var_k, x64.var(axis=(0, 2)), rtol=1e-11, atol=1e-13)
+    np.testing.assert_array_equal(lo, x64.min(axis=(0, 2)))
+    np.testing.assert_array_equal(hi, x64.max(axis=(0, 2)))
+
+    out = cuda.to_device(empty_as(xl.shape, out_kind))
+    BACKEND.normalize_act(xd, out, layout, m_d, s_d, b_d, act, **res)
+    z_want = act.forward(y + r64)
+    np.testing.assert_allclose(values_of(to_ncs(host(out), layout), out_kind), z_want, **out_tol(out_kind))
+    if out_kind == x_kind:
+        inplace = dev(xl)
+        BACKEND.normalize_act(inplace, inplace, layout, m_d, s_d, b_d, act, **res)  # output aliases input
+        np.testing.assert_array_equal(host(inplace), host(out))
+
+    s_dy, s_dyx = BACKEND.reduce_from_input(xd, dzd, layout, m_d, i_d, s_d, b_d, act, **res)
+    np.testing.assert_allclose(host(s_dy), dy.sum(axis=(0, 2)), **sums)
+    np.testing.assert_allclose(host(s_dyx), (dy * u * bc(invstd)).sum(axis=(0, 2)), **sums)
+
+    def check_dx(dx, dres, want):
+        np.testing.assert_allclose(values_of(to_ncs(host(dx), layout), out_kind), want, **out_tol(out_kind))
+        if dres is not None:
+            np.testing.assert_allclose(values_of(to_ncs(host(dres), layout), dres_kind), dy, **out_tol(dres_kind))
+
+    dres = cuda.to_device(empty_as(xl.shape, dres_kind)) if dres_kind else None
+    dx = cuda.to_device(empty_as(xl.shape, out_kind))
+    BACKEND.dx_from_input(xd, dzd, dx, layout, m_d, s_d, b_d, act, *k_d, dres=dres, **res)
+    check_dx(dx, dres, bc(k_dy) * dy + bc(k_u) * u + bc(k_0))
+
+    if act.invertible:  # from z as the forward stored it (in x's format), widened
+        zs, z64 = stored_as(z_want, x_kind)
+        zd = dev(to_layout(zs, layout))
+        y = act.inverse(z64) - r64
+        dy = dz64 * act.derivative_from_output(z64)
+        s_dy, s_dyy = BACKEND.reduce_from_output(zd, dzd, layout, b_d, act, **res)
+        np.testing.assert_allclose(host(s_dy), dy.sum(axis=(0, 2)), **sums)
+        np.testing.assert_allclose(host(s_dyy), (dy * (y - bc(beta))).sum(axis=(0, 2)), **sums)
+        BACKEND.dx_from_output(zd, dzd, dx, layout, b_d, act, *k_d, dres=dres, **res)
+        check_dx(dx, dres, bc(k_dy) * dy + bc(k_u) * (y - bc(beta)) + bc(k_0))
+
+
+HALF_ACTS = [get_activation("silu"), ACTS[1]]  # a smooth activation and leaky_relu
+
+
+@pytest.mark.parametrize("act", HALF_ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("fmt", HALF_FORMATS)
+def test_half_storage_primitives(fmt, layout, act):
+    check_storage((2, 3, 37), layout, act, fmt, fmt)
+
+
+@pytest.mark.parametrize("act", HALF_ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("fmt", HALF_FORMATS)
+def test_half_storage_residual(fmt, layout, act):
+    check_storage((2, 3, 37), layout, act, fmt, fmt, r_kind=fmt, dres_kind=fmt, seed=13)
+
+
+@pytest.mark.parametrize("layout,act", [("ncs", HALF_ACTS[0]), ("nsc", HALF_ACTS[1])],
+                         ids=lambda v: getattr(v, "name", v))
+def test_mixed_storage(layout, act):
+    """Each array in its own format: fp16 x, float32 dz, bf16 residual, float32 outputs, fp16 dres."""
+    check_storage((2, 3, 37), layout, act, "fp16", "f32", r_kind="bf16", out_kind="f32", dres_kind="fp16")
 
 
 # -- against the CPU backend ------------------------------------------------------------------------------------------

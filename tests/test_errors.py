@@ -131,13 +131,15 @@ def test_parameter_dtype_mismatch(strategy):
         bna(x, strategy=strategy, running_var=torch.ones(C, dtype=torch.float16))
     with ck_raises(TypeError, match=r"weight is torch\.float64 but the input is torch\.float32; tip: convert"):
         BatchNormAct2d(C, strategy=strategy).double()(x)
+    with ck_raises(TypeError, match=r"weight is torch\.float64 but the input is torch\.bfloat16"):
+        bna(x.bfloat16(), strategy=strategy, weight=torch.ones(C, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("strategy", ["checkpoint", "efficient_checkpoint", "inplace_abn"])
 def test_unsupported_float_dtype(strategy):
-    m = BatchNormAct2d(C, strategy=strategy).half()
-    with ck_raises(TypeError, match=r"torch\.float16 inputs are not supported"):
-        m(torch.randn(2, C, 3, 3).half())
+    x = torch.randn(2, C, 3, 3).to(torch.float8_e5m2)
+    with ck_raises(TypeError, match=r"torch\.float8_e5m2 inputs are not supported"):
+        bna(x, strategy=strategy, running=False, affine=False)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

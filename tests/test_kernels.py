@@ -4,10 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
-from kernel_data import make, tol, to_layout, to_ncs
+from kernel_data import (HALF_FORMATS, all_half_bits, empty_as, half_from_bits, half_to_bits, make, narrowing_cases,
+                         out_tol, stored_as, to_layout, to_ncs, tol, values_of)
 from ckptnorm import get_activation
 from ckptnorm.backends import get_backend
+from ckptnorm.backends.storage import narrow, widen
 from ckptnorm.torch import BatchNormAct2d, batch_norm_act
 
 BACKEND = get_backend("cpu")
@@ -15,14 +18,6 @@ ACTS = [get_activation(n, p) for n, p in [("identity", None), ("leaky_relu", 0.1
                                           ("silu", None), ("gelu", None)]]
 # (N, C, S): rows = N*S around the channels-last chunk size (256) and channel counts around vector widths
 SHAPES = [(1, 3, 2), (2, 1, 7), (3, 5, 85), (1, 17, 256), (2, 16, 257), (4, 15, 150)]
-
-
-
-
-
-
-
-
 
 
 @pytest.mark.parametrize("layout", ["ncs", "nsc"])
@@ -163,6 +158,154 @@ def test_reductions_are_bitwise_deterministic():
             again = BACKEND.channel_stats(x, layout, True) + BACKEND.reduce_from_input(x, dz, layout, *args)
             for a, b in zip(first, again):
                 assert a.tobytes() == b.tobytes()
+
+
+# -- half-precision storage: fp16 as uint16 bits, bf16 as int16 bits ------------------------------------------------
+@njit
+def _widen_all(stored, out):
+    for i in range(stored.size):
+        out[i] = widen(stored[i])
+
+
+@njit
+def _narrow_all(values, out):
+    for i in range(values.size):
+        out[i] = narrow(values[i], out)
+
+
+def assert_same_float64(got, want):
+    """Bit for bit; a NaN matches any NaN of the same sign (payloads are not compared)."""
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+    np.testing.assert_array_equal(got[~nan].view(np.int64), want[~nan].view(np.int64))
+
+
+@pytest.mark.parametrize("fmt", HALF_FORMATS)
+def test_widen_every_bit_pattern(fmt):
+    stored = all_half_bits(fmt)
+    got = np.empty(stored.size)
+    _widen_all(stored, got)
+    assert_same_float64(got, half_from_bits(stored, fmt))
+
+
+@pytest.mark.parametrize("fmt", HALF_FORMATS)
+def test_narrow_rounds_once_to_nearest_even(fmt):
+    storage = HALF_FORMATS[fmt]
+    values, want = narrowing_cases(fmt)
+    got = np.empty(values.size, storage)
+    _narrow_all(values, got)
+    np.testing.assert_array_equal(got, want)
+    # every bit pattern, widened by the reference: back to the same bits; NaN stays NaN, with its sign
+    stored = all_half_bits(fmt)
+    wide = half_from_bits(stored, fmt)
+    back = np.empty_like(stored)
+    _narrow_all(wide, back)
+    nan = np.isnan(wide)
+    np.testing.assert_array_equal(back[~nan], stored[~nan])
+    assert_same_float64(half_from_bits(back, fmt), wide)
+    # random values over the whole range against the reference (bf16: float32 values, which it rounds only once)
+    rng = np.random.default_rng(0)
+    lowest, highest = (-30, 20) if fmt == "fp16" else (-140, 130)
+    x = rng.standard_normal(100_000) * np.exp2(rng.integers(lowest, highest, 100_000))
+    if fmt == "bf16":
+        with np.errstate(over="ignore"):
+            x = x.astype(np.float32).astype(np.float64)
+    got = np.empty(x.size, storage)
+    _narrow_all(x, got)
+    np.testing.assert_array_equal(got, half_to_bits(x, fmt))
+
+
+def bc(v):
+    return v[None, :, None]  # per-channel broadcast in NCS
+
+
+def check_storage(shape, layout, act, x_kind, dz_kind, r_kind=None, out_kind=None, dres_kind=None, seed=12):
+    """Every primitive with activations stored as ``*_kind`` against float64 NumPy on the widened inputs.
+
+    Outputs may be off by a couple of units of their format's rounding; per-channel sums are float64 over exactly
+    the widened inputs, so they are as tight as with float64 storage.  ``r_kind`` None: no residual.
+    """
+    out_kind = out_kind or x_kind
+    x, dz, mean, invstd, gamma, beta = make(shape, np.float64, seed)
+    scale = gamma * invstd
+    xs, x64 = stored_as(x, x_kind)
+    dzs, dz64 = stored_as(dz, dz_kind)
+    u = x64 - bc(mean)
+    y = u * bc(scale) + bc(beta)
+    res, r64 = {}, 0.0
+    if r_kind is not None:
+        rs, r64 = stored_as(np.random.default_rng(seed + 1).standard_normal(shape) * 1.5, r_kind)
+        res = dict(residual=to_layout(rs, layout))
+    dy = dz64 * act.derivative(y + r64)
+    xl, dzl = to_layout(xs, layout), to_layout(dzs, layout)
+    k_dy, k_u, k_0 = np.linspace(0.5, 1.5, shape[1]), np.linspace(-0.1, 0.1, shape[1]), np.linspace(-1, 1, shape[1])
+    sums = dict(rtol=1e-9, atol=1e-9)
+
+    mean_k, var_k, lo, hi = BACKEND.channel_stats(xl, layout, with_range=True)
+    np.testing.assert_allclose(mean_k, x64.mean(axis=(0, 2)), rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(var_k, x64.var(axis=(0, 2)), rtol=1e-11, atol=1e-13)
+    np.testing.assert_array_equal(lo, x64.min(axis=(0, 2)))
+    np.testing.assert_array_equal(hi, x64.max(axis=(0, 2)))
+
+    out = empty_as(xl.shape, out_kind)
+    BACKEND.normalize_act(xl, out, layout, mean, scale, beta, act, **res)
+    np.testing.assert_allclose(values_of(to_ncs(out, layout), out_kind), act.forward(y + r64), **out_tol(out_kind))
+    if out_kind == x_kind:
+        inplace = xl.copy()
+        BACKEND.normalize_act(inplace, inplace, layout, mean, scale, beta, act, **res)  # output aliases input
+        np.testing.assert_array_equal(inplace, out)
+
+    s_dy, s_dyx = BACKEND.reduce_from_input(xl, dzl, layout, mean, invstd, scale, beta, act, **res)
+    np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), **sums)
+    np.testing.assert_allclose(s_dyx, (dy * u * bc(invstd)).sum(axis=(0, 2)), **sums)
+
+    def check_dx(dx, dres, want):
+        np.testing.assert_allclose(values_of(to_ncs(dx, layout), out_kind), want, **out_tol(out_kind))
+        if dres is not None:
+            np.testing.assert_allclose(values_of(to_ncs(dres, layout), dres_kind), dy, **out_tol(dres_kind))
+
+    dres = empty_as(xl.shape, dres_kind) if dres_kind else None
+    dx = empty_as(xl.shape, out_kind)
+    BACKEND.dx_from_input(xl, dzl, dx, layout, mean, scale, beta, act, k_dy, k_u, k_0, dres=dres, **res)
+    check_dx(dx, dres, bc(k_dy) * dy + bc(k_u) * u + bc(k_0))
+
+    if act.invertible:  # from z as the forward stored it (in x's format), widened
+        zs, z64 = stored_as(act.forward(y + r64), x_kind)
+        zl = to_layout(zs, layout)
+        y = act.inverse(z64) - r64
+        dy = dz64 * act.derivative_from_output(z64)
+        s_dy, s_dyy = BACKEND.reduce_from_output(zl, dzl, layout, beta, act, **res)
+        np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), **sums)
+        np.testing.assert_allclose(s_dyy, (dy * (y - bc(beta))).sum(axis=(0, 2)), **sums)
+        BACKEND.dx_from_output(zl, dzl, dx, layout, beta, act, k_dy, k_u, k_0, dres=dres, **res)
+        check_dx(dx, dres, bc(k_dy) * dy + bc(k_u) * (y - bc(beta)) + bc(k_0))
+
+
+HALF_ACTS = [get_activation("silu"), get_activation("leaky_relu", 0.1)]  # a tiled kernel and a branch-free one
+
+
+@pytest.mark.parametrize("act", HALF_ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("layout", ["ncs", "nsc"])
+@pytest.mark.parametrize("fmt", HALF_FORMATS)
+def test_half_storage_primitives(fmt, layout, act):
+    check_storage((3, 5, 85), layout, act, fmt, fmt)
+
+
+# Each kernel (activation x layout) and each format once with a residual: every kernel specialization costs a
+# compilation of a second or two, the dominant cost of these tests on a cold cache.
+@pytest.mark.parametrize("fmt,layout,act", [("fp16", "ncs", HALF_ACTS[0]), ("bf16", "nsc", HALF_ACTS[0]),
+                                            ("bf16", "ncs", HALF_ACTS[1]), ("fp16", "nsc", HALF_ACTS[1])],
+                         ids=lambda v: getattr(v, "name", v))
+def test_half_storage_residual(fmt, layout, act):
+    check_storage((2, 16, 257), layout, act, fmt, fmt, r_kind=fmt, dres_kind=fmt)
+
+
+@pytest.mark.parametrize("layout,act", [("ncs", HALF_ACTS[0]), ("nsc", HALF_ACTS[1])],
+                         ids=lambda v: getattr(v, "name", v))
+def test_mixed_storage(layout, act):
+    """Each array in its own format: fp16 x, float32 dz, bf16 residual, float32 outputs, fp16 dres."""
+    check_storage((2, 6, 40), layout, act, "fp16", "f32", r_kind="bf16", out_kind="f32", dres_kind="fp16")
 
 
 # -- gradients with unusual strides, through the PyTorch adapter ----------------------------------------------------

@@ -4,6 +4,14 @@ A backend streams activation-sized arrays; strategies (``ckptnorm.strategies``) 
 Arrays are 3-D views in memory order (``layout`` "ncs" = (N, C, S), "nsc" = (N, S, C)); per-channel arrays are
 1-D float64.
 
+Activation storage (``storage``): an activation-sized array (x, z, dz, out, dx, residual, dres) holds float64,
+float32, or half precision as a 16-bit *integer view of the same bits*: float16 as **uint16**, bfloat16 as
+**int16** (Numba's CPU target has no float16 type, NumPy has no bfloat16, and ``torch.bfloat16`` has no
+``__cuda_array_interface__`` type string; the signedness is what tells the two formats apart).  Each array may be
+in its own format (e.g. uint16 x with a float32 dz).  Kernels widen every loaded element to float64 (exactly),
+compute and accumulate in float64, and round each stored element once to its array's format (to nearest even;
+overflow to inf, subnormals and NaN as IEEE).  Per-channel inputs and results stay float64 whatever the storage.
+
 Residual sites (``z = phi(BN(x) + r)``, the end of a post-activation residual block): every primitive but
 ``channel_stats`` takes an optional ``residual`` r, a view of the same shape and layout as x with any strides (like
 ``dz``).  With it the pre-activation is ``y + r``: the forward adds r before phi, the backward evaluates phi' at

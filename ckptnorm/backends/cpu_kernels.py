@@ -19,7 +19,11 @@ otherwise, and Numba prunes their branches at compile time (a separate specializ
 The per-channel coefficients come from ``ckptnorm.strategies``; kernels only stream the data.
 
 Invariants:
- 1. Arithmetic is float64 per element; inputs are widened on load and outputs rounded once on store.
+ 1. Arithmetic is float64 per element: every activation-sized load goes through ``widen`` and every store through
+    ``narrow`` (``storage``), which the element type selects at compile time: a plain conversion for
+    float32/float64, IEEE binary16 bits for uint16 arrays, bfloat16 bits for int16 arrays (rounded once, to
+    nearest even).  Each array is converted on its own, so mixed storage (fp16 x, float32 dz) needs nothing
+    special, and a float32 kernel compiles to the same code as before half precision existed.
     Elements are processed in tiles (TILE elements of a channel in "ncs", one row of C channels in "nsc"): the
     activation's branch on ``kind`` is taken once per tile, so the per-element loops are simple and vectorize.
  2. Reductions are deterministic: each channel (ncs) or each fixed row chunk (nsc) is summed by one thread in a
@@ -36,6 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..activations import ELU, GELU, LEAKY_RELU, RELU, SILU  # anything else: identity
+from .storage import narrow, widen
 
 # Channels-last reductions split the N*S rows into fixed chunks, each summed by one thread into a row of partials.
 # At least NSC_MIN_ROWS_PER_CHUNK rows per chunk (amortizes the partials), at most NSC_MAX_CHUNKS chunks (bounds
@@ -141,7 +146,7 @@ def stats_ncs(x, mean, var, xmin, xmax, with_range):
     n_batch, channels, spatial = x.shape
     count = n_batch * spatial
     for c in prange(channels):
-        shift = np.float64(x[0, c, 0])
+        shift = widen(x[0, c, 0])
         s1 = 0.0
         s2 = 0.0
         lo = np.inf
@@ -149,13 +154,13 @@ def stats_ncs(x, mean, var, xmin, xmax, with_range):
         for n in range(n_batch):
             x_row = x[n, c]
             for s in range(spatial):
-                v = np.float64(x_row[s]) - shift
+                v = widen(x_row[s]) - shift
                 s1 += v
                 s2 += v * v
             if with_range:
                 for s in range(spatial):
-                    lo = min(lo, np.float64(x_row[s]))
-                    hi = max(hi, np.float64(x_row[s]))
+                    lo = min(lo, widen(x_row[s]))
+                    hi = max(hi, widen(x_row[s]))
         d = s1 / count
         mean[c] = shift + d
         var[c] = max(s2 / count - d * d, 0.0)
@@ -171,7 +176,7 @@ def stats_nsc(x, mean, var, xmin, xmax, with_range):
     part = np.zeros((n_chunks, 4, channels))
     shift = np.empty(channels)
     for c in range(channels):
-        shift[c] = x[0, 0, c]
+        shift[c] = widen(x[0, 0, c])
     for k in prange(n_chunks):
         acc = part[k]
         for c in range(channels):
@@ -181,13 +186,13 @@ def stats_nsc(x, mean, var, xmin, xmax, with_range):
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                v = np.float64(x[n, s, c]) - shift[c]
+                v = widen(x[n, s, c]) - shift[c]
                 acc[0, c] += v
                 acc[1, c] += v * v
             if with_range:
                 for c in range(channels):
-                    acc[2, c] = min(acc[2, c], np.float64(x[n, s, c]))
-                    acc[3, c] = max(acc[3, c], np.float64(x[n, s, c]))
+                    acc[2, c] = min(acc[2, c], widen(x[n, s, c]))
+                    acc[3, c] = max(acc[3, c], widen(x[n, s, c]))
     for c in range(channels):
         s1 = 0.0
         s2 = 0.0
@@ -218,14 +223,14 @@ def normalize_act_ncs(x, out, mean, scale, beta, kind, p, residual):
             k = min(TILE, spatial - s0)
             x_t, out_t = x[n, c, s0:s0 + k], out[n, c, s0:s0 + k]
             for j in range(k):
-                y[j] = (np.float64(x_t[j]) - m) * a + b
+                y[j] = (widen(x_t[j]) - m) * a + b
             if residual is not None:
                 r_t = residual[n, c, s0:s0 + k]
                 for j in range(k):
-                    y[j] += np.float64(r_t[j])
+                    y[j] += widen(r_t[j])
             act_forward_tile(y, k, kind, p)
             for j in range(k):
-                out_t[j] = y[j]
+                out_t[j] = narrow(y[j], out_t)
 
 
 @njit(parallel=True, **_jit)
@@ -239,13 +244,13 @@ def normalize_act_nsc(x, out, mean, scale, beta, kind, p, residual):
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                y[c] = (np.float64(x[n, s, c]) - mean[c]) * scale[c] + beta[c]
+                y[c] = (widen(x[n, s, c]) - mean[c]) * scale[c] + beta[c]
             if residual is not None:
                 for c in range(channels):
-                    y[c] += np.float64(residual[n, s, c])
+                    y[c] += widen(residual[n, s, c])
             act_forward_tile(y, channels, kind, p)
             for c in range(channels):
-                out[n, s, c] = y[c]
+                out[n, s, c] = narrow(y[c], out)
 
 
 # -- backward reduction from the input x (y and xhat recomputed on the fly) --------------------------------------
@@ -264,15 +269,15 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
                 k = min(TILE, spatial - s0)
                 x_t, dz_t = x[n, c, s0:s0 + k], dz[n, c, s0:s0 + k]
                 for j in range(k):
-                    u[j] = np.float64(x_t[j]) - m
+                    u[j] = widen(x_t[j]) - m
                     y[j] = u[j] * a + b
                 if residual is not None:
                     r_t = residual[n, c, s0:s0 + k]
                     for j in range(k):
-                        y[j] += np.float64(r_t[j])
+                        y[j] += widen(r_t[j])
                 act_grad_tile(y, g, k, kind, p)
                 for j in range(k):
-                    dy = np.float64(dz_t[j]) * g[j]
+                    dy = widen(dz_t[j]) * g[j]
                     s_dy += dy
                     s_dyu += dy * u[j]
         sum_dy[c] = s_dy
@@ -294,14 +299,14 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                u[c] = np.float64(x[n, s, c]) - mean[c]
+                u[c] = widen(x[n, s, c]) - mean[c]
                 y[c] = u[c] * scale[c] + beta[c]
             if residual is not None:
                 for c in range(channels):
-                    y[c] += np.float64(residual[n, s, c])
+                    y[c] += widen(residual[n, s, c])
             act_grad_tile(y, g, channels, kind, p)
             for c in range(channels):
-                dy = np.float64(dz[n, s, c]) * g[c]
+                dy = widen(dz[n, s, c]) * g[c]
                 acc[0, c] += dy
                 acc[1, c] += dy * u[c]
     _combine(part, sum_dy, sum_dy_xhat)
@@ -324,14 +329,14 @@ def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual)
                 k = min(TILE, spatial - s0)
                 z_t, dz_t = z[n, c, s0:s0 + k], dz[n, c, s0:s0 + k]
                 for j in range(k):
-                    y[j] = np.float64(z_t[j])
+                    y[j] = widen(z_t[j])
                 act_inverse_tile(y, g, k, kind, p)
                 if residual is not None:  # z = phi(y + r): subtract r from the inverted pre-activation
                     r_t = residual[n, c, s0:s0 + k]
                     for j in range(k):
-                        y[j] -= np.float64(r_t[j])
+                        y[j] -= widen(r_t[j])
                 for j in range(k):
-                    dy = np.float64(dz_t[j]) * g[j]
+                    dy = widen(dz_t[j]) * g[j]
                     s_dy += dy
                     s_dyy += dy * (y[j] - b)
         sum_dy[c] = s_dy
@@ -352,13 +357,13 @@ def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual)
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                y[c] = np.float64(z[n, s, c])
+                y[c] = widen(z[n, s, c])
             act_inverse_tile(y, g, channels, kind, p)
             if residual is not None:
                 for c in range(channels):
-                    y[c] -= np.float64(residual[n, s, c])
+                    y[c] -= widen(residual[n, s, c])
             for c in range(channels):
-                dy = np.float64(dz[n, s, c]) * g[c]
+                dy = widen(dz[n, s, c]) * g[c]
                 acc[0, c] += dy
                 acc[1, c] += dy * (y[c] - beta[c])
     _combine(part, sum_dy, sum_dy_ybeta)
@@ -393,19 +398,19 @@ def dx_from_input_ncs(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
             k = min(TILE, spatial - s0)
             x_t, dz_t, dx_t = x[n, c, s0:s0 + k], dz[n, c, s0:s0 + k], dx[n, c, s0:s0 + k]
             for j in range(k):
-                u[j] = np.float64(x_t[j]) - m
+                u[j] = widen(x_t[j]) - m
                 y[j] = u[j] * a + b
             if residual is not None:
                 r_t = residual[n, c, s0:s0 + k]
                 for j in range(k):
-                    y[j] += np.float64(r_t[j])
+                    y[j] += widen(r_t[j])
             act_grad_tile(y, g, k, kind, p)
             for j in range(k):
-                dx_t[j] = k_dy * (np.float64(dz_t[j]) * g[j]) + k_u * u[j] + k_0
+                dx_t[j] = narrow(k_dy * (widen(dz_t[j]) * g[j]) + k_u * u[j] + k_0, dx_t)
             if dres is not None:
                 dres_t = dres[n, c, s0:s0 + k]
                 for j in range(k):
-                    dres_t[j] = np.float64(dz_t[j]) * g[j]
+                    dres_t[j] = narrow(widen(dz_t[j]) * g[j], dres_t)
 
 
 @njit(parallel=True, **_jit)
@@ -421,17 +426,18 @@ def dx_from_input_nsc(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                u[c] = np.float64(x[n, s, c]) - mean[c]
+                u[c] = widen(x[n, s, c]) - mean[c]
                 y[c] = u[c] * scale[c] + beta[c]
             if residual is not None:
                 for c in range(channels):
-                    y[c] += np.float64(residual[n, s, c])
+                    y[c] += widen(residual[n, s, c])
             act_grad_tile(y, g, channels, kind, p)
             for c in range(channels):
-                dx[n, s, c] = coef_dy[c] * (np.float64(dz[n, s, c]) * g[c]) + coef_u[c] * u[c] + coef_const[c]
+                dx[n, s, c] = narrow(coef_dy[c] * (widen(dz[n, s, c]) * g[c]) + coef_u[c] * u[c] + coef_const[c],
+                                     dx)
             if dres is not None:
                 for c in range(channels):
-                    dres[n, s, c] = np.float64(dz[n, s, c]) * g[c]
+                    dres[n, s, c] = narrow(widen(dz[n, s, c]) * g[c], dres)
 
 
 # -- dx from the output z ------------------------------------------------------------------------------------------
@@ -449,18 +455,18 @@ def dx_from_output_ncs(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, re
             k = min(TILE, spatial - s0)
             z_t, dz_t, dx_t = z[n, c, s0:s0 + k], dz[n, c, s0:s0 + k], dx[n, c, s0:s0 + k]
             for j in range(k):
-                y[j] = np.float64(z_t[j])
+                y[j] = widen(z_t[j])
             act_inverse_tile(y, g, k, kind, p)
             if residual is not None:
                 r_t = residual[n, c, s0:s0 + k]
                 for j in range(k):
-                    y[j] -= np.float64(r_t[j])
+                    y[j] -= widen(r_t[j])
             for j in range(k):
-                dx_t[j] = k_dy * (np.float64(dz_t[j]) * g[j]) + k_u * (y[j] - b) + k_0
+                dx_t[j] = narrow(k_dy * (widen(dz_t[j]) * g[j]) + k_u * (y[j] - b) + k_0, dx_t)
             if dres is not None:
                 dres_t = dres[n, c, s0:s0 + k]
                 for j in range(k):
-                    dres_t[j] = np.float64(dz_t[j]) * g[j]
+                    dres_t[j] = narrow(widen(dz_t[j]) * g[j], dres_t)
 
 
 @njit(parallel=True, **_jit)
@@ -475,14 +481,14 @@ def dx_from_output_nsc(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, re
             n = r // spatial
             s = r - n * spatial
             for c in range(channels):
-                y[c] = np.float64(z[n, s, c])
+                y[c] = widen(z[n, s, c])
             act_inverse_tile(y, g, channels, kind, p)
             if residual is not None:
                 for c in range(channels):
-                    y[c] -= np.float64(residual[n, s, c])
+                    y[c] -= widen(residual[n, s, c])
             for c in range(channels):
-                dx[n, s, c] = coef_dy[c] * (np.float64(dz[n, s, c]) * g[c]) + coef_u[c] * (y[c] - beta[c]) \
-                    + coef_const[c]
+                dx[n, s, c] = narrow(coef_dy[c] * (widen(dz[n, s, c]) * g[c]) + coef_u[c] * (y[c] - beta[c])
+                                     + coef_const[c], dx)
             if dres is not None:
                 for c in range(channels):
-                    dres[n, s, c] = np.float64(dz[n, s, c]) * g[c]
+                    dres[n, s, c] = narrow(widen(dz[n, s, c]) * g[c], dres)

@@ -11,8 +11,9 @@ phi'(0) (relu 0, the others 1),
     phi'(y)   = 1 if y > 0 else (slope if y < 0 else at_zero)
     inverse   y = z if z >= 0 else z / slope,  phi' = 1 if z >= 0 else slope     (slope > 0 only)
 
-are selects that vectorize in one pass over the data, with no scratch arrays: each element is loaded once, the
-float64 math stays in registers, and the result is stored once.  ``CPUBackend`` sends these three activations
+are selects that vectorize in one pass over the data, with no scratch arrays: each element is loaded once
+(``widen``), the float64 math stays in registers, and the result is stored once (``narrow``: rounded to the output
+array's storage format, fp16/bf16 bits included; ``storage``).  ``CPUBackend`` sends these three activations
 here and the smooth ones (elu, silu, gelu) to ``cpu_kernels``.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from .cpu_kernels import _chunking, _combine, _jit, _reduce_jit
+from .storage import narrow, widen
 
 
 @njit(inline="always", **_jit)
@@ -54,11 +56,11 @@ def normalize_act_ncs(x, out, mean, scale, beta, slope, residual):
         x_r, out_r = x[n, c], out[n, c]
         if residual is None:
             for s in range(spatial):
-                out_r[s] = _phi((np.float64(x_r[s]) - m) * a + b, slope)
+                out_r[s] = narrow(_phi((widen(x_r[s]) - m) * a + b, slope), out_r)
         else:
             r_r = residual[n, c]
             for s in range(spatial):
-                out_r[s] = _phi((np.float64(x_r[s]) - m) * a + b + np.float64(r_r[s]), slope)
+                out_r[s] = narrow(_phi((widen(x_r[s]) - m) * a + b + widen(r_r[s]), slope), out_r)
 
 
 @njit(parallel=True, **_jit)
@@ -73,11 +75,12 @@ def normalize_act_nsc(x, out, mean, scale, beta, slope, residual):
             x_r, out_r = x[n, s], out[n, s]
             if residual is None:
                 for c in range(channels):
-                    out_r[c] = _phi((np.float64(x_r[c]) - mean[c]) * scale[c] + beta[c], slope)
+                    out_r[c] = narrow(_phi((widen(x_r[c]) - mean[c]) * scale[c] + beta[c], slope), out_r)
             else:
                 r_r = residual[n, s]
                 for c in range(channels):
-                    out_r[c] = _phi((np.float64(x_r[c]) - mean[c]) * scale[c] + beta[c] + np.float64(r_r[c]), slope)
+                    y = (widen(x_r[c]) - mean[c]) * scale[c] + beta[c] + widen(r_r[c])
+                    out_r[c] = narrow(_phi(y, slope), out_r)
 
 
 # -- backward reductions ------------------------------------------------------------------------------------------
@@ -92,15 +95,15 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_
             x_r, dz_r = x[n, c], dz[n, c]
             if residual is None:
                 for s in range(spatial):
-                    u = np.float64(x_r[s]) - m
-                    dy = np.float64(dz_r[s]) * _grad(u * a + b, slope, at_zero)
+                    u = widen(x_r[s]) - m
+                    dy = widen(dz_r[s]) * _grad(u * a + b, slope, at_zero)
                     s_dy += dy
                     s_dyu += dy * u
             else:
                 r_r = residual[n, c]
                 for s in range(spatial):
-                    u = np.float64(x_r[s]) - m
-                    dy = np.float64(dz_r[s]) * _grad(u * a + b + np.float64(r_r[s]), slope, at_zero)
+                    u = widen(x_r[s]) - m
+                    dy = widen(dz_r[s]) * _grad(u * a + b + widen(r_r[s]), slope, at_zero)
                     s_dy += dy
                     s_dyu += dy * u
         sum_dy[c] = s_dy
@@ -120,11 +123,11 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_
             s = r - n * spatial
             x_r, dz_r = x[n, s], dz[n, s]
             for c in range(channels):
-                u = np.float64(x_r[c]) - mean[c]
+                u = widen(x_r[c]) - mean[c]
                 y = u * scale[c] + beta[c]
                 if residual is not None:
-                    y += np.float64(residual[n, s, c])
-                dy = np.float64(dz_r[c]) * _grad(y, slope, at_zero)
+                    y += widen(residual[n, s, c])
+                dy = widen(dz_r[c]) * _grad(y, slope, at_zero)
                 acc_dy[c] += dy
                 acc_dyu[c] += dy * u
     _combine(part, sum_dy, sum_dy_xhat)
@@ -143,17 +146,17 @@ def reduce_from_output_ncs(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
             z_r, dz_r = z[n, c], dz[n, c]
             if residual is None:
                 for s in range(spatial):
-                    v = np.float64(z_r[s])
-                    dy = np.float64(dz_r[s]) * _grad_from_output(v, slope)
+                    v = widen(z_r[s])
+                    dy = widen(dz_r[s]) * _grad_from_output(v, slope)
                     s_dy += dy
                     s_dyy += dy * (_inverse(v, slope) - b)
             else:
                 r_r = residual[n, c]
                 for s in range(spatial):
-                    v = np.float64(z_r[s])
-                    dy = np.float64(dz_r[s]) * _grad_from_output(v, slope)
+                    v = widen(z_r[s])
+                    dy = widen(dz_r[s]) * _grad_from_output(v, slope)
                     s_dy += dy
-                    s_dyy += dy * (_inverse(v, slope) - np.float64(r_r[s]) - b)
+                    s_dyy += dy * (_inverse(v, slope) - widen(r_r[s]) - b)
         sum_dy[c] = s_dy
         sum_dy_ybeta[c] = s_dyy
 
@@ -171,11 +174,11 @@ def reduce_from_output_nsc(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
             s = r - n * spatial
             z_r, dz_r = z[n, s], dz[n, s]
             for c in range(channels):
-                v = np.float64(z_r[c])
+                v = widen(z_r[c])
                 y = _inverse(v, slope)
                 if residual is not None:
-                    y -= np.float64(residual[n, s, c])
-                dy = np.float64(dz_r[c]) * _grad_from_output(v, slope)
+                    y -= widen(residual[n, s, c])
+                dy = widen(dz_r[c]) * _grad_from_output(v, slope)
                 acc_dy[c] += dy
                 acc_dyy[c] += dy * (y - beta[c])
     _combine(part, sum_dy, sum_dy_ybeta)
@@ -193,19 +196,19 @@ def dx_from_input_ncs(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coe
         x_r, dz_r, dx_r = x[n, c], dz[n, c], dx[n, c]
         if residual is None:
             for s in range(spatial):
-                u = np.float64(x_r[s]) - m
-                dy = np.float64(dz_r[s]) * _grad(u * a + b, slope, at_zero)
-                dx_r[s] = k_dy * dy + k_u * u + k_0
+                u = widen(x_r[s]) - m
+                dy = widen(dz_r[s]) * _grad(u * a + b, slope, at_zero)
+                dx_r[s] = narrow(k_dy * dy + k_u * u + k_0, dx_r)
                 if dres is not None:
-                    dres[n, c, s] = dy
+                    dres[n, c, s] = narrow(dy, dres)
         else:
             r_r = residual[n, c]
             for s in range(spatial):
-                u = np.float64(x_r[s]) - m
-                dy = np.float64(dz_r[s]) * _grad(u * a + b + np.float64(r_r[s]), slope, at_zero)
-                dx_r[s] = k_dy * dy + k_u * u + k_0
+                u = widen(x_r[s]) - m
+                dy = widen(dz_r[s]) * _grad(u * a + b + widen(r_r[s]), slope, at_zero)
+                dx_r[s] = narrow(k_dy * dy + k_u * u + k_0, dx_r)
                 if dres is not None:
-                    dres[n, c, s] = dy
+                    dres[n, c, s] = narrow(dy, dres)
 
 
 @njit(parallel=True, **_jit)
@@ -219,14 +222,14 @@ def dx_from_input_nsc(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coe
             s = r - n * spatial
             x_r, dz_r, dx_r = x[n, s], dz[n, s], dx[n, s]
             for c in range(channels):
-                u = np.float64(x_r[c]) - mean[c]
+                u = widen(x_r[c]) - mean[c]
                 y = u * scale[c] + beta[c]
                 if residual is not None:
-                    y += np.float64(residual[n, s, c])
-                dy = np.float64(dz_r[c]) * _grad(y, slope, at_zero)
-                dx_r[c] = coef_dy[c] * dy + coef_u[c] * u + coef_const[c]
+                    y += widen(residual[n, s, c])
+                dy = widen(dz_r[c]) * _grad(y, slope, at_zero)
+                dx_r[c] = narrow(coef_dy[c] * dy + coef_u[c] * u + coef_const[c], dx_r)
                 if dres is not None:
-                    dres[n, s, c] = dy
+                    dres[n, s, c] = narrow(dy, dres)
 
 
 @njit(parallel=True, **_jit)
@@ -240,19 +243,19 @@ def dx_from_output_ncs(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, resi
         z_r, dz_r, dx_r = z[n, c], dz[n, c], dx[n, c]
         if residual is None:
             for s in range(spatial):
-                v = np.float64(z_r[s])
-                dy = np.float64(dz_r[s]) * _grad_from_output(v, slope)
-                dx_r[s] = k_dy * dy + k_u * (_inverse(v, slope) - b) + k_0
+                v = widen(z_r[s])
+                dy = widen(dz_r[s]) * _grad_from_output(v, slope)
+                dx_r[s] = narrow(k_dy * dy + k_u * (_inverse(v, slope) - b) + k_0, dx_r)
                 if dres is not None:
-                    dres[n, c, s] = dy
+                    dres[n, c, s] = narrow(dy, dres)
         else:
             r_r = residual[n, c]
             for s in range(spatial):
-                v = np.float64(z_r[s])
-                dy = np.float64(dz_r[s]) * _grad_from_output(v, slope)
-                dx_r[s] = k_dy * dy + k_u * (_inverse(v, slope) - np.float64(r_r[s]) - b) + k_0
+                v = widen(z_r[s])
+                dy = widen(dz_r[s]) * _grad_from_output(v, slope)
+                dx_r[s] = narrow(k_dy * dy + k_u * (_inverse(v, slope) - widen(r_r[s]) - b) + k_0, dx_r)
                 if dres is not None:
-                    dres[n, c, s] = dy
+                    dres[n, c, s] = narrow(dy, dres)
 
 
 @njit(parallel=True, **_jit)
@@ -266,11 +269,11 @@ def dx_from_output_nsc(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, resi
             s = r - n * spatial
             z_r, dz_r, dx_r = z[n, s], dz[n, s], dx[n, s]
             for c in range(channels):
-                v = np.float64(z_r[c])
+                v = widen(z_r[c])
                 y = _inverse(v, slope)
                 if residual is not None:
-                    y -= np.float64(residual[n, s, c])
-                dy = np.float64(dz_r[c]) * _grad_from_output(v, slope)
-                dx_r[c] = coef_dy[c] * dy + coef_u[c] * (y - beta[c]) + coef_const[c]
+                    y -= widen(residual[n, s, c])
+                dy = widen(dz_r[c]) * _grad_from_output(v, slope)
+                dx_r[c] = narrow(coef_dy[c] * dy + coef_u[c] * (y - beta[c]) + coef_const[c], dx_r)
                 if dres is not None:
-                    dres[n, s, c] = dy
+                    dres[n, s, c] = narrow(dy, dres)

@@ -13,6 +13,11 @@ Gradients may have any strides (a ``.sum()`` gives an all-zero-stride gradient);
 order as x, merging the spatial dims when their strides allow it -- always the case for contiguous, channels_last
 and expanded (stride-0) gradients.  Only a gradient whose spatial dims are permuted is copied, once.
 
+Half precision: Numba's CPU target has no float16 and NumPy has no bfloat16, so 16-bit activations reach the
+kernels as integer views of the same bits -- float16 as uint16, bfloat16 as int16 (the kernels tell the formats
+apart by signedness, widen every load to float64 and round every store back; ``ckptnorm/backends/base.py``).  The
+CUDA kernels take the same views.
+
 Per-channel values (statistics, parameters in float64) are NumPy arrays for CPU tensors and float64 tensors on the
 device for CUDA tensors; the strategies only use arithmetic operators on them.
 """
@@ -27,7 +32,10 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..backends import get_backend
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# 16-bit storage formats -> the integer dtype whose view carries their bits to the kernels
+_BIT_VIEWS = {torch.float16: torch.uint16, torch.bfloat16: torch.int16}
 _TORCH_DTYPES = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32,
                  np.dtype(np.int64): torch.int64}
 _backend_override = contextvars.ContextVar("ckptnorm_backend_override", default=None)
@@ -79,6 +87,8 @@ def _view3(t: torch.Tensor, layout: str):
     if found is None:
         return None
     tp, shape3, strides3 = found
+    if tp.dtype in _BIT_VIEWS:
+        tp = tp.view(_BIT_VIEWS[tp.dtype])  # same bits, same strides
     if t.device.type == "cpu":
         if tp.is_contiguous():  # x, z, dx and most gradients: a plain reshape, cheaper than as_strided
             return tp.numpy().reshape(shape3)

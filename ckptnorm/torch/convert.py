@@ -11,22 +11,39 @@ may be computed after the BN, e.g. by a projection shortcut); the add and activa
 ``inplace_abn`` keeps z only (plus r, which the block's first conv keeps anyway), while ``checkpoint`` and
 ``efficient_checkpoint`` keep x and leave z materialized -- it is the next block's input and residual -- so they
 save nothing at residual sites (design note, "Residual sites"); the report says so.
+
+``convert_sync`` (and ``convert(..., sync=True)``) makes every BatchNorm layer synchronized across the processes of
+a torch.distributed group: ``BatchNormAct*d`` become ``SyncBatchNormAct*d`` (same strategy and activation), plain
+``nn.BatchNorm*d`` become ``SyncBatchNormAct*d`` with the identity activation and the ``standard`` strategy (the same
+math as the BN, synchronized, on CPU too).
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..strategies import get_strategy
-from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from .modules import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    SyncBatchNormAct1d,
+    SyncBatchNormAct2d,
+    SyncBatchNormAct3d,
+    _BatchNormAct,
+    _SyncBatchNormAct,
+)
 from .sites import discover
+from .sync import deepcopy_keeping_groups
 
-__all__ = ["ConversionReport", "SiteDecision", "convert"]
+__all__ = ["ConversionReport", "SiteDecision", "convert", "convert_sync"]
 
 _ACT_CLASSES = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d, nn.BatchNorm3d: BatchNormAct3d}
+_SYNC_CLASSES = {nn.BatchNorm1d: SyncBatchNormAct1d, nn.BatchNorm2d: SyncBatchNormAct2d,
+                 nn.BatchNorm3d: SyncBatchNormAct3d, BatchNormAct1d: SyncBatchNormAct1d,
+                 BatchNormAct2d: SyncBatchNormAct2d, BatchNormAct3d: SyncBatchNormAct3d}
 FALLBACK = "efficient_checkpoint"
 
 
@@ -199,7 +216,69 @@ def _fuse_residual(graph, nodes, site):
         graph.erase_node(node)
 
 
-def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example_inputs=None):
+def _sync_layer(bn, process_group):
+    """The ``SyncBatchNormAct*d`` equivalent of a plain BN or a ``BatchNormAct*d`` (same state, mode, devices)."""
+    param = bn.weight if bn.weight is not None else bn.running_mean
+    kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    if isinstance(bn, _BatchNormAct):
+        kw.update(activation=bn.activation, activation_param=bn.activation_param, strategy=bn.strategy,
+                  inplace=bn.inplace)
+    else:  # a plain BN: same math, through the kernel path that synchronizes (native ops cannot on CPU)
+        kw.update(activation="identity", strategy="standard")
+    layer = _SYNC_CLASSES[type(bn)](bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                                    process_group, bias=not bn.affine or bn.bias is not None, **kw)
+    layer.load_state_dict(bn.state_dict(), strict=True)
+    for name, p in bn.named_parameters(recurse=False):
+        getattr(layer, name).requires_grad_(p.requires_grad)
+    layer.train(bn.training)
+    return layer
+
+
+def _synchronize(module, process_group, done=None):
+    """Replace, in place, every BN layer below ``module`` by its synchronized version (a layer reachable under
+    several names stays one layer)."""
+    done = {} if done is None else done
+    for name, child in list(module._modules.items()):  # named_children() would skip a second name of a module
+        if child is None:
+            continue
+        if id(child) in done:
+            if done[id(child)] is not child:
+                setattr(module, name, done[id(child)])
+            continue
+        if type(child) in _SYNC_CLASSES:
+            done[id(child)] = _sync_layer(child, process_group)
+            setattr(module, name, done[id(child)])
+            continue
+        done[id(child)] = child
+        if isinstance(child, _SyncBatchNormAct):
+            child.process_group = process_group
+        else:
+            _synchronize(child, process_group, done)
+
+
+def convert_sync(model: nn.Module, process_group=None):
+    """Return a copy of ``model`` whose BatchNorm layers are synchronized across ``process_group`` (torch.distributed;
+    None: the default group).  The original is untouched.
+
+    ``BatchNormAct*d`` become ``SyncBatchNormAct*d`` with the same strategy, activation and state; plain
+    ``nn.BatchNorm*d`` become ``SyncBatchNormAct*d`` with the identity activation and the ``standard`` strategy
+    (use ``convert(model, strategy, sync=True)`` to fuse activations and choose strategies at the same time);
+    layers already synchronized move to ``process_group``.  state_dict keys are unchanged.  Call it before wrapping
+    the model in ``DistributedDataParallel``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ckptnorm: convert_sync needs an nn.Module, got {type(model).__name__}; tip: pass the model")
+    if type(model) in _SYNC_CLASSES:
+        return _sync_layer(model, process_group)
+    work = deepcopy_keeping_groups(model)
+    if isinstance(work, _SyncBatchNormAct):
+        work.process_group = process_group
+    _synchronize(work, process_group)
+    return work
+
+
+def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example_inputs=None, sync=False,
+            process_group=None):
     """Return a converted deep copy of ``model``; its ``ckptnorm_report`` tells what happened at each site.
 
     ``strategy``: a strategy name (every site); a dict of glob patterns on the BN modules' qualified names -> name
@@ -210,16 +289,25 @@ def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example
     recorded); ``False`` never.  ``strict``: a site that cannot take its requested strategy raises ``ValueError``
     instead of falling back to ``efficient_checkpoint``.  ``example_inputs``: when given, each ``Site`` handed to a
     callable ``strategy`` knows its input shape (one shape-propagation run, in eval mode, without gradients).
+    ``sync``: also synchronize every BatchNorm layer across ``process_group`` (torch.distributed; None: the default
+    group), as ``convert_sync`` does on the converted model: sites left as plain BN become synchronized identity
+    layers with the ``standard`` strategy.
 
     Eval outputs and training gradients equal the original's (up to the kernels' rounding).  Forward hooks
     registered on the replaced BN modules and on removed activation calls do not carry over.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ckptnorm: convert needs an nn.Module, got {type(model).__name__}; tip: pass the model")
+    if sync not in (True, False):
+        raise TypeError(f"ckptnorm: sync must be True or False, got {sync!r}; tip: pass sync=True and the group "
+                        "as process_group=")
+    if process_group is not None and not sync:
+        raise ValueError("ckptnorm: process_group is only used with sync=True; tip: pass sync=True, or drop "
+                         "process_group")
     if inplace not in ("auto", True, False):
         raise ValueError(f"ckptnorm: inplace must be 'auto', True or False, got {inplace!r}; tip: use 'auto'")
     resolve = _resolver(strategy)
-    work = copy.deepcopy(model)
+    work = deepcopy_keeping_groups(model)
     gm, sites = discover(work, example_inputs)
     report = ConversionReport()
     planned = []
@@ -252,5 +340,7 @@ def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example
         _restore_missing_state(gm, work)
         gm.training = work.training  # submodules keep their own modes
         result = gm
+    if sync:
+        _synchronize(result, process_group)
     result.ckptnorm_report = report
     return result

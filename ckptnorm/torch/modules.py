@@ -2,6 +2,7 @@
 
 Same constructor arguments, parameters, buffers and state_dict keys as ``nn.BatchNorm*d`` (a plain BN state_dict
 loads with ``strict=True``), plus ``activation``, ``activation_param``, ``strategy`` and ``inplace``.
+``SyncBatchNormAct*d`` are the synchronized versions (like ``nn.SyncBatchNorm``, plus ``process_group``).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..activations import get_activation
 from ..strategies import get_strategy
 from .function import batch_norm_act, in_backward
+from .sync import reducer_for
 
 
 class _BatchNormAct(_BatchNorm):
@@ -39,6 +41,10 @@ class _BatchNormAct(_BatchNorm):
                              f"{input.dim()}-D input; tip: use BatchNormAct1d for (N, C) or (N, C, L), "
                              "BatchNormAct2d for (N, C, H, W), BatchNormAct3d for (N, C, D, H, W)")
 
+    def _reducer(self):
+        """What combines statistics across processes in a training forward: None (local BatchNorm) here."""
+        return None
+
     def forward(self, input, residual=None):
         """``phi(BN(input) [+ residual])``; ``residual`` fuses the end of a post-activation residual block."""
         self._check_input_dim(input)
@@ -50,9 +56,12 @@ class _BatchNormAct(_BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
+        # Like nn.SyncBatchNorm: only a module in training mode synchronizes (batch statistics in eval mode, without
+        # running statistics, stay local).
+        reducer = self._reducer() if self.training else None
         return batch_norm_act(input, self.running_mean if track else None, self.running_var if track else None,
                               self.weight, self.bias, use_batch_stats, factor, self.eps, self.activation,
-                              self.activation_param, self.strategy, self.inplace, residual)
+                              self.activation_param, self.strategy, self.inplace, residual, reducer)
 
     def extra_repr(self):
         act = get_activation(self.activation, self.activation_param).describe()
@@ -81,3 +90,39 @@ class BatchNormAct3d(_BatchNormAct):
 
     _expected_dims = (5,)
     _shape_hint = "5-D (N, C, D, H, W)"
+
+
+class _SyncBatchNormAct(_BatchNormAct):
+    """Synchronized BatchNorm + activation: in training, statistics and backward sums over every process of
+    ``process_group`` (torch.distributed; None: the default group), each process holding part of the batch.
+
+    Arguments follow ``nn.SyncBatchNorm`` (``process_group`` after ``track_running_stats``), plus the keyword
+    arguments of ``BatchNormAct*d``; parameters, buffers and state_dict keys are BatchNorm's.  Every strategy
+    synchronizes.  Eval mode does not communicate.  Without torch.distributed (not initialized) it falls back to
+    local statistics and warns once (``SyncFallbackWarning``).  Every process must call the layer, in the same
+    order; a process may pass an empty batch.  Parameters must be equal on every process (as DDP keeps them).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, bias=True, activation="leaky_relu",
+                 activation_param=0.01, strategy="efficient_checkpoint", inplace=False):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         activation=activation, activation_param=activation_param, strategy=strategy,
+                         inplace=inplace)
+        self.process_group = process_group
+        self._warned_local = False
+
+    def _reducer(self):
+        return reducer_for(self, self.process_group)
+
+
+class SyncBatchNormAct1d(_SyncBatchNormAct, BatchNormAct1d):
+    """Synchronized ``BatchNormAct1d``, for (N, C) or (N, C, L) inputs."""
+
+
+class SyncBatchNormAct2d(_SyncBatchNormAct, BatchNormAct2d):
+    """Synchronized ``BatchNormAct2d``, for (N, C, H, W) inputs (NCHW or channels_last)."""
+
+
+class SyncBatchNormAct3d(_SyncBatchNormAct, BatchNormAct3d):
+    """Synchronized ``BatchNormAct3d``, for (N, C, D, H, W) inputs (NCDHW or channels_last_3d)."""
