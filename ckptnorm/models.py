@@ -30,6 +30,20 @@ def _activation(name, param):
     return nn.ELU(1.0 if param is None else param)
 
 
+def _stages(block, blocks, width, activation, activation_param):
+    """Three ``nn.Sequential`` stages of ``blocks`` blocks, widths w, 2w, 4w, the first block of stages 2 and 3 with
+    stride 2; returns (stages, output channels)."""
+    from torch import nn
+    channels, stages = width, []
+    for stage in range(3):
+        out = width * 2 ** stage
+        stages.append(nn.Sequential(*(
+            block(channels if i == 0 else out, out, 2 if stage and i == 0 else 1, activation, activation_param)
+            for i in range(blocks))))
+        channels = out
+    return stages, channels
+
+
 def _classes():
     """The module classes, defined on first use (they need torch)."""
     global _PreActBlock, _PreActResNet, _PostActResNet
@@ -64,14 +78,8 @@ def _classes():
         def __init__(self, blocks, width, num_classes, activation, activation_param):
             super().__init__()
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-            channels, stages = width, []
-            for stage in range(3):
-                out = width * 2 ** stage
-                stages.append(nn.Sequential(*(
-                    PreActBlock(channels if i == 0 else out, out, 2 if stage and i == 0 else 1, activation,
-                                activation_param) for i in range(blocks))))
-                channels = out
-            self.layer1, self.layer2, self.layer3 = stages
+            (self.layer1, self.layer2, self.layer3), channels = _stages(PreActBlock, blocks, width, activation,
+                                                                        activation_param)
             self.bn = nn.BatchNorm2d(channels)
             self.act = _activation(activation, activation_param)
             self.pool = nn.AdaptiveAvgPool2d(1)
@@ -110,14 +118,8 @@ def _classes():
             self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
             self.bn1 = nn.BatchNorm2d(width)
             self.act1 = _activation(activation, activation_param)
-            channels, stages = width, []
-            for stage in range(3):
-                out = width * 2 ** stage
-                stages.append(nn.Sequential(*(
-                    PostActBlock(channels if i == 0 else out, out, 2 if stage and i == 0 else 1, activation,
-                                 activation_param) for i in range(blocks))))
-                channels = out
-            self.layer1, self.layer2, self.layer3 = stages
+            (self.layer1, self.layer2, self.layer3), channels = _stages(PostActBlock, blocks, width, activation,
+                                                                        activation_param)
             self.pool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(channels, num_classes)
 
