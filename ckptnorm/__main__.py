@@ -54,12 +54,25 @@ def _budget(text):
     return value if value <= 1 else int(value)
 
 
+_ZOO_LIBRARIES = ("torchvision", "timm", "smp")
+_MODEL_FORMS = "preact_resnet, postact_resnet, torchvision:NAME, timm:NAME or smp:ARCH:ENCODER"
+
+
+def _is_zoo(name):
+    return name.partition(":")[0] in _ZOO_LIBRARIES
+
+
 def _model_name(text):
     if text == "block":
         return text
-    from .models import check_model_name
     try:
-        check_model_name(text)
+        if ":" in text:
+            if importlib.util.find_spec("torch") is None:
+                return text  # main() says that PyTorch is needed
+            from .torch.zoo import check_spec
+            check_spec(text)
+        elif text not in ("preact_resnet", "postact_resnet"):
+            raise ValueError(f"ckptnorm: unknown model {text!r}; tip: use {_MODEL_FORMS} (e.g. timm:efficientnet_b0)")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -78,9 +91,11 @@ def build_parser():
     cmp = sub.add_parser("compare", help="saved bytes, peak memory, step time and gradient error of each strategy")
     cmp.add_argument("--model", type=_model_name, default="preact_resnet",
                      help="preact_resnet (default, built in), postact_resnet (built in, with residual sites), "
-                          "torchvision:NAME (needs torchvision), or block (one conv -> BatchNormAct2d -> conv block)")
+                          "torchvision:NAME, timm:NAME, smp:ARCH:ENCODER (random weights; need torchvision, timm, "
+                          "segmentation-models-pytorch), or block (one conv -> BatchNormAct2d -> conv block)")
     cmp.add_argument("--input", type=_shape, default=None,
-                     help="input NxCxHxW (default 8x3x64x64; 16x32x56x56 for --model block)")
+                     help="input NxCxHxW (default 8x3x64x64, or 8x3xSxS with the smallest S >= 64 that a library "
+                          "model accepts; 16x32x56x56 for --model block)")
     cmp.add_argument("--strategies", nargs="+", type=_strategy, default=list(STRATEGY_NAMES))
     cmp.add_argument("--repeats", type=_positive_int, default=None,
                      help="timed steps per row; the median is shown (default 5; 7 for --model block)")
@@ -93,8 +108,9 @@ def build_parser():
     pln.add_argument("--budget", type=_budget, required=True,
                      help="fraction of standard's saved-activation bytes (e.g. 0.6), or bytes if > 1")
     pln.add_argument("--model", type=_model_name, default="preact_resnet",
-                     help="preact_resnet (default), postact_resnet or torchvision:NAME")
-    pln.add_argument("--input", type=_shape, default=_MODEL_INPUT, help="input NxCxHxW (default 8x3x64x64)")
+                     help="preact_resnet (default), postact_resnet, torchvision:NAME, timm:NAME or smp:ARCH:ENCODER")
+    pln.add_argument("--input", type=_shape, default=None,
+                     help="input NxCxHxW (default 8x3x64x64, or the smallest 8x3xSxS a library model accepts)")
     pln.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per site and strategy")
     pln.add_argument("--json", metavar="FILE", help="also write the plan as JSON (Plan.from_json reads it)")
     return parser
@@ -110,6 +126,14 @@ def _write(parser, path, text):
 
 def _build_model(parser, name, shape):
     import torch
+    if _is_zoo(name):
+        from .torch.zoo import build_model
+        try:
+            model, x = build_model(name, shape, batch=_MODEL_INPUT[0])
+        except ValueError as exc:
+            parser.exit(2, f"{str(exc).splitlines()[0]}\n")
+        return model.train(), x
+    shape = shape or _MODEL_INPUT
     from .models import get_model
     try:
         torch.manual_seed(0)
@@ -160,7 +184,7 @@ def _compare(parser, args):
         parser.exit(2, "ckptnorm: --plot needs matplotlib, which is not installed; tip: pip install matplotlib, or "
                        "use --json\n")
     from .torch.compare import compare
-    model, x = _build_model(parser, args.model, args.input or _MODEL_INPUT)
+    model, x = _build_model(parser, args.model, args.input)
     result = compare(model, x, args.strategies, repeats=args.repeats or 5, progress=not args.no_progress,
                      model_name=args.model)
     print(result.table())
@@ -173,7 +197,7 @@ def _compare(parser, args):
 
 def _plan(parser, args):
     if args.model == "block":
-        parser.exit(2, "ckptnorm: plan does not take --model block; tip: use preact_resnet or torchvision:NAME\n")
+        parser.exit(2, f"ckptnorm: plan does not take --model block; tip: use {_MODEL_FORMS}\n")
     try:
         from .torch.planner import plan
     except ImportError:

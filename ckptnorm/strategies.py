@@ -304,7 +304,7 @@ class InplaceABN(Strategy):
         return self.keeps, ""
 
     def needs_input_range(self, act) -> bool:
-        return act.name == "elu"
+        return act.name in ("elu", "celu", "selu")
 
     def needs_residual_range(self, act) -> bool:
         return True
@@ -332,16 +332,19 @@ class InplaceABN(Strategy):
             what = f"beta={beta[c]:.3g}" + ("" if residual is None else f", max|residual|={np.ravel(rabs)[c]:.3g}")
             return (f"channel {c} has gamma={gamma[c]:.3g}, {what}; dgamma = S / gamma would lose more "
                     f"than {self.MAX_LOST_BITS} bits")
-        if act.name == "elu":
+        if act.name in ("elu", "celu", "selu"):
             if xmin is None:  # eval mode: the range of x is needed for this check only
                 _, _, xmin, xmax = backend.channel_stats(x, layout, with_range=True)
             mean, invstd, xmin, xmax = host(mean), host(invstd), host(xmin), host(xmax)
             lo = np.minimum(gamma * (xmin - mean) * invstd, gamma * (xmax - mean) * invstd) + beta + rmin
-            floor = -math.log(budget)
+            # z's rounding (u |z|, |z| up to the asymptote) reaches y amplified by exp(-y) for elu and selu
+            # (y = log1p(z / c): dy = dz / (c exp(y))) and by exp(-y / alpha) for celu (y = alpha log1p(z / alpha)):
+            # the floor of the pre-activation is -ln 32, resp. -alpha ln 32.
+            floor = -math.log(budget) * (act.param if act.name == "celu" else 1.0)
             if (lo < floor).any():
                 c = int(np.argmin(lo))
-                return (f"channel {c} reaches pre-activation {lo[c]:.3g} < {floor:.3g}, where ELU's inverse "
-                        "amplifies rounding by more than 32x")
+                return (f"channel {c} reaches pre-activation {lo[c]:.3g} < {floor:.3g}, where "
+                        f"{act.name.upper()}'s inverse amplifies rounding by more than 32x")
         return ""
 
 

@@ -38,7 +38,12 @@ Invariants:
     so the plain path compiles no extra signature.  Not None with ``arg is None`` pruning: numba-cuda (0.30) can
     compile such a kernel (and the simulator runs it) but cannot launch one with a None argument on a GPU.
  6. Kernels are compiled lazily, once per argument-type signature, on first launch, and cached on disk by Numba
-    (``cache=True``): importing this module compiles nothing and needs no GPU or driver.
+    (``cache=True``): importing this module compiles nothing and needs no GPU or driver.  The cache checks only
+    this file: after editing ``ckptnorm/backends/activation_math.py`` or ``storage.py`` (compiled into every
+    kernel), clear ``src_cuda/__pycache__``.
+ 7. phi, phi' and phi^-1 are ``ckptnorm/backends/activation_math.py``'s scalar functions, the very ones the CPU
+    kernels inline (numba-cuda compiles a ``numba.njit`` function called from a kernel as a device function):
+    the two backends cannot drift apart.
 
 Layouts share one kernel per primitive: ``channels_last`` only decides which coordinate is the channel (a uniform
 branch).  Indexing: each thread walks its elements with a mixed-radix counter over the memory-order dims
@@ -52,7 +57,11 @@ import math
 from numba import cuda
 from numba.cuda import float64, int64
 
-from ckptnorm.activations import ELU, GELU, LEAKY_RELU, RELU, SILU  # anything else: identity
+# The activations (branch on the integer `kind`; codes in ckptnorm.activations): the CPU kernels' scalar functions,
+# compiled here as device functions; one definition of the math for both targets.
+from ckptnorm.backends.activation_math import act_forward as _act_forward
+from ckptnorm.backends.activation_math import act_grad as _act_grad
+from ckptnorm.backends.activation_math import act_inverse as _act_inverse
 from ckptnorm.backends.storage import narrow, widen
 
 # -- launch geometry ------------------------------------------------------------------------------------------------
@@ -87,11 +96,6 @@ LANE_FAN = 16
 _Q_MIN = 2
 _Q_MAX = 3
 
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-# ELU inverse: a z rounded onto -alpha would give log1p(-1) = -inf; clamp to a finite y (phi' is ~0 there).
-_ELU_INVERSE_CLAMP = -1.0 + 1e-16
-
 _jit = dict(cache=True)
 
 
@@ -125,54 +129,6 @@ def reduce_geometry(rows, channels, channels_last):
     n_part = -(-rows // (lanes * REDUCE_ITEMS_PER_THREAD))
     n_part = max(1, min(n_part, -(-REDUCE_TARGET_BLOCKS // tiles), REDUCE_MAX_PARTIALS))
     return tile, n_part, tiles * n_part
-
-
-# -- activations (branch on the integer `kind`; codes in ckptnorm.activations) --------------------------------------
-@cuda.jit(device=True, **_jit)
-def _act_forward(y, kind, p):
-    """phi(y)."""
-    if kind == LEAKY_RELU:
-        return y if y >= 0.0 else p * y
-    if kind == ELU:
-        return y if y >= 0.0 else p * math.expm1(y)
-    if kind == RELU:
-        return max(y, 0.0)
-    if kind == SILU:
-        return y / (1.0 + math.exp(-y))
-    if kind == GELU:
-        return 0.5 * y * (1.0 + math.erf(y * _SQRT_HALF))
-    return y
-
-
-@cuda.jit(device=True, **_jit)
-def _act_grad(y, kind, p):
-    """phi'(y)."""
-    if kind == LEAKY_RELU:
-        return 1.0 if y >= 0.0 else p
-    if kind == ELU:
-        return 1.0 if y >= 0.0 else p * math.exp(y)
-    if kind == RELU:
-        return 1.0 if y > 0.0 else 0.0
-    if kind == SILU:
-        sig = 1.0 / (1.0 + math.exp(-y))
-        return sig * (1.0 + y * (1.0 - sig))
-    if kind == GELU:
-        return 0.5 * (1.0 + math.erf(y * _SQRT_HALF)) + y * math.exp(-0.5 * y * y) * _INV_SQRT_2PI
-    return 1.0
-
-
-@cuda.jit(device=True, **_jit)
-def _act_inverse(z, kind, p):
-    """From z = phi(y): ``(y, phi'(y))`` (invertible activations; anything else is treated as identity)."""
-    if kind == LEAKY_RELU:
-        if z >= 0.0:
-            return z, 1.0
-        return z / p, p
-    if kind == ELU:
-        if z >= 0.0:
-            return z, 1.0
-        return math.log1p(max(z / p, _ELU_INVERSE_CLAMP)), z + p
-    return z, 1.0
 
 
 # -- indexing helpers -----------------------------------------------------------------------------------------------

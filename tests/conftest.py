@@ -17,3 +17,7 @@ def _gpu_present() -> bool:
 
 if "NUMBA_ENABLE_CUDASIM" not in os.environ and not _gpu_present():
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+
+# tests/zoo (torchvision, timm and smp models: a separate job in .ci/run, its own environment) is not part of the
+# README's `python -m pytest`; run it as `python -m pytest tests/zoo`.
+collect_ignore = ["zoo"]

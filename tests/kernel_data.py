@@ -116,3 +116,14 @@ def empty_as(shape, kind):
 
 def out_tol(kind):
     return tol(np.float32) if kind == "f32" else half_tol(kind)
+
+
+# Every activation, for the kernel tests: each has its own code in the tiled kernels (identity, relu and leaky_relu
+# also their branch-free CPU kernels), so each runs through every primitive.  celu with alpha 0.5: its exponential
+# in units of alpha.
+ACTIVATION_SPECS = [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0), ("relu", None), ("silu", None),
+                    ("gelu", None), ("relu6", None), ("hardswish", None), ("hardsigmoid", None), ("mish", None),
+                    ("gelu_tanh", None), ("selu", None), ("celu", 0.5), ("tanh", None), ("sigmoid", None)]
+# The residual and storage variants of the kernels branch on the activation exactly as the plain ones do: a few
+# activations cover them (the original ones, plus one of each new kind: kinked, exponential-invertible).
+RESIDUAL_SPECS = ACTIVATION_SPECS[:6] + [("hardswish", None), ("selu", None), ("celu", 0.5)]

@@ -65,7 +65,7 @@ NO_MATPLOTLIB = importlib.util.find_spec("matplotlib") is None
     (["compare", "--input", "3x3"], "expected NxCxHxW"),
     (["compare", "--strategies", "fast"], "ckptnorm: unknown strategy 'fast'"),
     (["frobnicate"], "invalid choice"),
-    (["compare", "--model", "block", "--activation", "tanh"], "ckptnorm: unknown activation 'tanh'"),
+    (["compare", "--model", "block", "--activation", "softsign"], "ckptnorm: unknown activation 'softsign'"),
     (["compare", "--model", "block", "--activation", "relu", "--strategies", "inplace_abn"],
      "needs an invertible activation"),
     (["compare", "--model", "resnet9000"], "ckptnorm: unknown model 'resnet9000'; tip:"),

@@ -24,7 +24,7 @@ def sequential_model():
     return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
-        nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5), nn.ReLU6(),
+        nn.Conv2d(4, 5, 1), nn.BatchNorm2d(5), nn.PReLU(),
         nn.Conv2d(5, 5, 1), nn.BatchNorm2d(5))
 
 
@@ -146,12 +146,14 @@ def max_rel(a, b):
 def test_sites_sequential():
     sites = by_name(find_sites(sequential_model()))
     assert list(sites) == ["1", "4", "7", "10"]
-    assert sites["1"].activation.name == "relu" and sites["1"].activation_node == "_2"  # fx node name
+    # a module called once right after its BN: swapped for Identity (no code rewritten)
+    assert sites["1"].activation.name == "relu" and sites["1"].activation_node == "2" and sites["1"].fuse == "swap"
     assert sites["4"].activation.describe() == "leaky_relu(0.1)"
-    assert sites["7"].activation.name == "identity" and sites["7"].unfused == "relu6"
+    assert sites["7"].activation.name == "identity" and sites["7"].fuse == ""  # PReLU has a parameter: not fused
     assert sites["7"].activation_node is None
     assert sites["10"].activation.name == "identity" and sites["10"].activation_node is None
-    assert all(s.bn_type is nn.BatchNorm2d and s.traced and not s.residual for s in sites.values())
+    assert all(s.bn_type is nn.BatchNorm2d and s.traced and not s.residual and s.owner == ""
+               for s in sites.values())
     assert [s.channels for s in sites.values()] == [4, 4, 5, 5]
     assert not any(s.input_has_other_readers for s in sites.values())  # each fed by a conv, read by the BN only
     assert all(s.input_shape is None for s in sites.values())
@@ -190,23 +192,25 @@ def test_sites_postact_shared_relu_and_residual():
         s = sites[f"layer1.{i}.bn3"]
         assert s.residual and s.fused_residual and s.activation.name == "relu" and s.activation_node is not None
         assert s.residual_activation.name == "relu" and s.add_node is not None
-    assert sites["layer1.0.bn3"].residual_node == sites["bn1"].activation_node  # r: the stem's relu output
-    # one relu module, three call nodes: each site names its own node
+    assert sites["layer1.0.bn3"].residual_node == "x"  # r: the block's input, in the block's own graph
+    assert sites["bn1"].fuse == "swap"  # the stem's relu is called once
+    # one relu module, three call nodes in the block: each site names its own node, and the block is rewritten
     nodes = [sites[f"layer1.0.bn{j}"].activation_node for j in (1, 2)]
     assert len(set(nodes)) == 2
+    assert all(sites[f"layer1.0.bn{j}"].fuse == "rewrite" and sites[f"layer1.0.bn{j}"].owner == "layer1.0"
+               for j in (1, 2, 3))
 
 
 # -- conversion -----------------------------------------------------------------------------------------------------
 def test_convert_sequential_model():
     model = make(sequential_model)
     conv = convert(model, "efficient_checkpoint")
-    assert isinstance(conv, fx.GraphModule)
+    assert type(conv) is nn.Sequential and "forward" not in vars(conv)  # no code rewritten
     assert isinstance(conv.get_submodule("1"), BatchNormAct2d) and conv.get_submodule("1").activation == "relu"
+    assert isinstance(conv[2], nn.Identity) and isinstance(conv[5], nn.Identity) and isinstance(conv[8], nn.PReLU)
     assert conv.get_submodule("4").activation_param == pytest.approx(0.1)
     assert conv.get_submodule("7").activation == "identity"
     assert isinstance(model[1], nn.BatchNorm2d) and type(model[1]) is nn.BatchNorm2d  # original untouched
-    d = decisions(conv)
-    assert "relu6" in d["7"].reason
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     model.eval(), conv.eval()
     torch.testing.assert_close(conv(x), model(x), rtol=1e-6, atol=0)
@@ -215,14 +219,16 @@ def test_convert_sequential_model():
 def test_postact_shared_relu_module_kept():
     model = make(PostActResNet)
     conv = convert(model, "efficient_checkpoint")
+    assert type(conv) is PostActResNet and isinstance(conv.layer1[0], Bottleneck)  # classes kept
     assert isinstance(conv.get_submodule("layer1.0.relu"), nn.ReLU)  # the shared module is still there ...
-    relu_calls = [n for n in conv.graph.nodes if n.op == "call_module" and n.target.endswith("relu")]
-    assert relu_calls == []  # ... but no call node uses it: every activation, the residual ones too, is fused
-    assert not [n for n in conv.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert conv.ckptnorm_report.rewritten == ("layer1.0", "layer1.1")  # ... and the blocks' forwards rewritten
+    code = conv.layer1[0].forward.source
+    assert "relu" not in code and "add" not in code  # every activation, the residual ones too, is fused
+    assert "bn3(" in code and code.count("bn3(") == 1
     bn3 = conv.get_submodule("layer1.0.bn3")
     assert isinstance(bn3, BatchNormAct2d) and bn3.activation == "relu"
-    fused = [n for n in conv.graph.nodes if n.op == "call_module" and n.target == "layer1.0.bn3"]
-    assert len(fused) == 1 and len(fused[0].args) == 2  # called as bn3(x, residual)
+    assert isinstance(conv.relu, nn.Identity)  # the stem's relu, called once: swapped
+    assert "forward" not in vars(conv)  # the model's own forward is untouched
     reason = decisions(conv)["layer1.0.bn3"].reason
     assert "residual site: add and activation fused" in reason and "saves nothing" in reason
 
@@ -366,14 +372,19 @@ def test_untraceable_model_falls_back_to_sequential():
     with pytest.warns(SiteDiscoveryWarning, match="ckptnorm: torch.fx tracing of Untraceable failed"):
         sites = by_name(find_sites(model))
     assert list(sites) == ["features.1", "features.4"]
-    assert sites["features.1"].activation.describe() == "leaky_relu(0.2)" and not sites["features.1"].traced
-    assert sites["features.1"].activation_node == "features.2"
+    # the Sequential traces on its own: its sites are fused; the root's forward is unknown code
+    assert sites["features.1"].activation.describe() == "leaky_relu(0.2)" and sites["features.1"].traced
+    assert sites["features.1"].activation_node == "features.2" and sites["features.1"].fuse == "swap"
+    assert "not traced" in sites["features.4"].in_place_writer  # the Sequential's output goes to that code
     assert not sites["features.4"].input_has_other_readers
     with pytest.warns(SiteDiscoveryWarning):
         conv = convert(model, "inplace_abn")
     assert type(conv) is Untraceable
     assert isinstance(conv.features[1], BatchNormAct1d) and isinstance(conv.features[2], nn.Identity)
     assert isinstance(conv.features[4], BatchNormAct1d) and conv.features[4].activation == "elu"
+    # inplace_abn would keep an output that untraced code might modify in place: efficient_checkpoint instead
+    assert conv.features[1].strategy == "inplace_abn" and conv.features[4].strategy == "efficient_checkpoint"
+    assert "not traced" in decisions(conv)["features.4"].reason
     assert isinstance(model.features[2], nn.LeakyReLU)  # original untouched
     assert list(conv.state_dict()) == list(model.state_dict())
     x = torch.randn(6, 6, dtype=torch.float64)
@@ -401,7 +412,7 @@ def test_converted_model_converts_again():
 
 
 class Functional(nn.Module):
-    """Functional and method activations, an approximate GELU (not fused), and a module the graph never calls."""
+    """Functional and method activations, an approximate GELU, and a module the graph never calls."""
 
     def __init__(self):
         super().__init__()
@@ -423,9 +434,10 @@ class Functional(nn.Module):
 def test_functional_activation_forms_and_unused_state():
     model = make(Functional)
     sites = find_sites(model)
-    assert [s.activation.describe() for s in sites] == ["relu", "relu", "silu", "gelu", "identity",
+    assert [s.activation.describe() for s in sites] == ["relu", "relu", "silu", "gelu", "gelu_tanh",
                                                         "leaky_relu(0.3)", "elu(0.5)"]
-    assert sites[4].unfused == "gelu_tanh"
+    assert all(s.fuse == "rewrite" for s in sites)  # functions: the model's forward is rewritten
+    assert not any(s.unfused for s in sites)
     conv = convert(model, "efficient_checkpoint")
     assert list(conv.state_dict()) == list(model.state_dict())
     conv.load_state_dict(model.state_dict(), strict=True)
@@ -454,3 +466,152 @@ def test_callable_sees_input_shapes_when_example_inputs_are_given():
     assert all(tuple(shape) == (2, 4, 5, 6) for shape in seen.values())
     convert(model, choose)
     assert all(shape is None for shape in seen.values())
+
+
+# -- the model is kept (issue: convert the models people actually train) --------------------------------------------
+class TrainingBranch(nn.Module):
+    """A functional activation in a forward that depends on the mode: it may not be rewritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.conv(x)))
+        if self.training:
+            y = y * 1.5
+        return self.head(y)
+
+    def extra_method(self):
+        return "kept"
+
+
+class OptionalArg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, scale=None):
+        y = torch.relu(self.bn(self.conv(x)))
+        return y if scale is None else y * scale
+
+
+class InPlaceAfter(nn.Module):
+    """``out += r`` on a BN output, then an in-place activation module: a layer keeping z would see it modified."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.act = nn.Hardtanh(-2.0, 2.0, inplace=True)  # elementwise, not fused (in place)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        r = self.conv1(x)
+        out = self.bn1(r)
+        out += r
+        out = self.conv2(out)
+        return self.head(self.act(self.bn2(out)))
+
+
+def _grads_equal(model, conv, x, tol=1e-10):
+    model, conv = copy.deepcopy(model).train(), copy.deepcopy(conv).train()
+    for net in (model, conv):
+        net(x).square().sum().backward()
+    ref = torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()])
+    got = torch.cat([p.grad.reshape(-1) for _, p in conv.named_parameters()])
+    assert float((got - ref).norm() / ref.norm()) <= tol
+    model.eval(), conv.eval()
+    assert max_rel(conv(x), model(x)) <= tol
+
+
+def test_class_methods_and_attributes_kept():
+    model = make(TrainingBranch)
+    model.custom_attribute = 7
+    conv = convert(model, "efficient_checkpoint")
+    assert type(conv) is TrainingBranch and conv.extra_method() == "kept" and conv.custom_attribute == 7
+    d = decisions(conv)["bn"]
+    assert d.applied == "efficient_checkpoint" and "differs between training and eval mode" in d.reason
+    assert conv.bn.activation == "identity" and "forward" not in vars(conv)  # relu stays in the user's code
+    _grads_equal(model, conv, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+
+
+def test_optional_arguments_block_a_rewrite():
+    model = make(OptionalArg)
+    conv = convert(model, "checkpoint")
+    assert "optional arguments (scale)" in decisions(conv)["bn"].reason and conv.bn.activation == "identity"
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    model.eval(), conv.eval()
+    assert max_rel(conv(x, 2.0), model(x, 2.0)) <= 1e-12
+
+
+def test_in_place_users_keep_inplace_abn_away():
+    model = make(InPlaceAfter)
+    conv = convert(model, "inplace_abn")
+    d = decisions(conv)
+    assert d["bn1"].applied == "efficient_checkpoint" and "modifies its output in place" in d["bn1"].reason
+    assert d["bn2"].applied == "efficient_checkpoint"  # the in-place Hardtanh after it is not fused
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    _grads_equal(model, conv, x)  # no "modified by an inplace operation" error
+
+
+def test_module_activation_fused_and_no_site_unchanged():
+    model = make(lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(beta=2.0),
+                                       nn.Conv2d(4, 2, 1)))
+    conv = convert(model, "efficient_checkpoint")
+    assert isinstance(conv[1].activation, nn.Softplus) and isinstance(conv[2], nn.Identity)
+    assert decisions(convert(model, "inplace_abn"))["1"].applied == "efficient_checkpoint"
+    _grads_equal(model, conv, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU())
+    same = convert(plain, "inplace_abn")
+    assert same is not plain and type(same) is nn.Sequential and len(same.ckptnorm_report) == 0
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), same.state_dict().values()))
+    assert isinstance(same[2], nn.ReLU)
+
+
+def test_inplace_module_and_pickle_of_a_rewritten_model():
+    import io
+    model = make(PostActResNet)
+    ref = copy.deepcopy(model)
+    conv = convert(model, "efficient_checkpoint", inplace_module=True)
+    assert conv is model and isinstance(model.layer1[0].bn1, BatchNormAct2d)
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert "forward" in vars(loaded.layer1[0])
+    twin = copy.deepcopy(loaded)
+    assert twin.layer1[0].forward.module is twin.layer1[0]  # the copy's forward runs the copy
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    _grads_equal(ref, twin, x)
+
+
+def test_sync_batchnorm_site():
+    model = make(lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4), nn.ReLU()))
+    conv = convert(model, "efficient_checkpoint")
+    from ckptnorm.torch.convert import SyncBatchNormAct
+    assert isinstance(conv[1], SyncBatchNormAct) and conv[1].activation == "relu"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group here: local statistics, as nn.SyncBatchNorm computes
+        _grads_equal(model, conv, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+
+
+def test_predicted_saving_matches_measured_bytes():
+    from ckptnorm.torch import SavedTensorsCounter
+    model = make(PostActResNet, dtype=torch.float32)
+    x = torch.randn(2, 3, 8, 8)
+    conv = convert(model, "efficient_checkpoint", example_inputs=x)
+
+    def saved(net):
+        with SavedTensorsCounter(exclude=net) as counter:
+            loss = net(x).sum()
+        loss.backward()
+        return counter.saved_bytes
+    measured = saved(model) - saved(conv)
+    predicted = conv.ckptnorm_report.predicted_saved_bytes
+    assert measured > 0 and abs(predicted - measured) <= 0.05 * measured

@@ -39,23 +39,28 @@ def test_import_is_light():
 
 # -- activations -------------------------------------------------------------------------------------------------
 ALL_ACTS = [("identity", None), ("leaky_relu", 0.01), ("leaky_relu", 0.2), ("elu", 1.0), ("elu", 0.5),
-            ("relu", None), ("silu", None), ("gelu", None)]
+            ("relu", None), ("silu", None), ("gelu", None), ("celu", 1.0), ("celu", 0.5), ("selu", None),
+            ("relu6", None), ("hardswish", None), ("hardsigmoid", None), ("mish", None), ("gelu_tanh", None),
+            ("tanh", None), ("sigmoid", None)]
+# kinks of the piecewise activations, where no finite difference converges
+KINKS = np.array([-3.0, 0.0, 3.0, 6.0])
 
 
 @pytest.mark.parametrize("name,param", ALL_ACTS)
 def test_activation_derivative_matches_finite_difference(name, param):
     act = get_activation(name, param)
-    y = np.linspace(-4, 4, 801)
-    y = y[np.abs(y) > 1e-3]  # away from the kink at 0
+    y = np.linspace(-8, 8, 1601)
+    y = y[np.abs(y[:, None] - KINKS).min(axis=1) > 1e-3]  # away from the kinks
     h = 1e-6
     numeric = (act.forward(y + h) - act.forward(y - h)) / (2 * h)
+    # hardsigmoid: PyTorch's slope is the float32 1/6 (3e-8 off), which the tolerance allows
     np.testing.assert_allclose(act.derivative(y), numeric, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("name,param", [a for a in ALL_ACTS if get_activation(*a).invertible])
 def test_activation_inverse(name, param):
     act = get_activation(name, param)
-    y = np.linspace(-8, 8, 1601)
+    y = np.linspace(-8, 8, 1601) * (param if name == "celu" else 1.0)  # celu: exp(y / alpha)
     z = act.forward(y)
     np.testing.assert_allclose(act.inverse(z), y, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(act.derivative_from_output(z), act.derivative(y), rtol=1e-12, atol=1e-15)
@@ -63,17 +68,20 @@ def test_activation_inverse(name, param):
 
 def test_activation_invertibility_and_aliases():
     assert [get_activation(n, p).invertible for n, p in ALL_ACTS] == [True, True, True, True, True, False, False,
-                                                                      False]
+                                                                      False, True, True, True] + [False] * 7
     assert not get_activation("leaky_relu", 0.0).invertible
     assert not get_activation("leaky_relu", -0.1).invertible
     assert not get_activation("elu", 0.0).invertible
+    assert not get_activation("celu", -0.5).invertible
+    assert get_activation("hard-swish") == get_activation("hswish") == Activation("hardswish")
+    assert get_activation("gelu_approx_tanh").name == "gelu_tanh"
     assert get_activation("LeakyReLU") == Activation("leaky_relu", 0.01)
     assert get_activation("lrelu", 0.1) == Activation("leaky_relu", 0.1)
     assert get_activation(None) == get_activation("none") == Activation("identity")
     assert get_activation("swish").name == "silu"
     assert get_activation(Activation("elu", 2.0)).param == 2.0
-    with pytest.raises(ValueError, match=r"^ckptnorm: unknown activation 'tanh'.*tip:"):
-        get_activation("tanh")
+    with pytest.raises(ValueError, match=r"^ckptnorm: unknown activation 'prelu'.*tip:"):
+        get_activation("prelu")
     with pytest.raises(ValueError, match="ckptnorm: .*not invertible.*tip:"):
         get_activation("relu").inverse(np.zeros(3))
 
@@ -108,7 +116,8 @@ def test_strategies_declare_what_they_keep():
 
 # -- the float64 reference ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("name,param", [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0)])
+@pytest.mark.parametrize("name,param", [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0), ("celu", 0.5),
+                                        ("selu", None)])
 def test_reference_strategies_agree(name, param, training):
     """The xhat-free inplace_abn backward and the recompute paths equal the textbook backward (design note check)."""
     rng = np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """inplace_abn specifics: writing over x, and the precision fallback that keeps x instead of a wrong gradient."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -118,3 +119,46 @@ def test_eval_mode_elu_check_uses_the_data_range():
     x = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(4)) * 3
     with pytest.warns(PrecisionFallbackWarning):
         layer(x.clone().requires_grad_() * 1).sum().backward()
+
+
+@pytest.mark.parametrize("activation,param", [("celu", 1.0), ("celu", 0.5), ("selu", None)])
+def test_celu_selu_keep_z_only_while_the_inverse_is_accurate(activation, param):
+    """celu and selu invert through log1p like elu: z only above the floor of the pre-activation (-ln 32 for selu,
+    -alpha ln 32 for celu, whose exponential runs in units of alpha), x kept below it."""
+    g = torch.Generator().manual_seed(5)
+    x, dz = torch.randn(4, 2, 8, 8, generator=g), torch.randn(4, 2, 8, 8, generator=g)
+    xd = x.double()
+    xhat_min = ((xd - xd.mean((0, 2, 3), keepdim=True)) / xd.var((0, 2, 3), unbiased=False, keepdim=True).sqrt()
+                ).amin((0, 2, 3)).numpy()
+    floor = -math.log(32) * (param if activation == "celu" else 1.0)
+    gamma = np.array([1.0, 0.8])
+    # lowest pre-activation gamma * xhat_min + beta: half a unit above the floor, then half a unit below it
+    for margin, falls_back in ((0.5, False), (-0.5, True)):
+        beta = floor + margin - gamma * xhat_min
+        layer = make_layer(gamma, beta, activation, param)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            z, dx, dgamma, dbeta, _, saved = run(layer, x, dz)
+        fallbacks = [w for w in caught if issubclass(w.category, PrecisionFallbackWarning)]
+        assert bool(fallbacks) == falls_back, [str(w.message) for w in fallbacks]
+        if falls_back:
+            assert f"{activation.upper()}'s inverse" in str(fallbacks[0].message)
+            assert f"< {floor:.3g}" in str(fallbacks[0].message)
+        assert saved == x.numel() * 4 + (2 * 2 * 8 if falls_back else 2 * 8)  # z [+ x's mean] + 1/sigma
+        z_ref, (dx_ref, dg_ref, db_ref) = reference_grads(x, dz, gamma, beta, activation, param)
+        assert rel(z, z_ref) < 1e-6
+        assert rel(dx, dx_ref) < 1e-5 and rel(dgamma, dg_ref) < 1e-5 and rel(dbeta, db_ref) < 1e-5
+
+
+def test_celu_selu_inplace_true_z_only():
+    """inplace=True with celu and selu: z written over x, and the backward really runs from z alone."""
+    g = torch.Generator().manual_seed(6)
+    x, dz = torch.randn(4, 3, 6, 6, generator=g), torch.randn(4, 3, 6, 6, generator=g)
+    gamma, beta = [1.0, 0.7, -1.2], [1.0, 1.5, 2.0]
+    for activation, param in (("celu", 2.0), ("selu", None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PrecisionFallbackWarning)
+            z, dx, dgamma, dbeta, inp, saved = run(make_layer(gamma, beta, activation, param, inplace=True), x, dz)
+        assert z.data_ptr() == inp.data_ptr() and saved == x.numel() * 4 + 3 * 8
+        z_ref, (dx_ref, dg_ref, db_ref) = reference_grads(x, dz, gamma, beta, activation, param)
+        assert rel(dx, dx_ref) < 1e-5 and rel(dgamma, dg_ref) < 1e-5 and rel(dbeta, db_ref) < 1e-5

@@ -6,16 +6,16 @@ import pytest
 import torch
 from numba import njit
 
-from kernel_data import (HALF_FORMATS, all_half_bits, empty_as, half_from_bits, half_to_bits, make, narrowing_cases,
-                         out_tol, stored_as, to_layout, to_ncs, tol, values_of)
+from kernel_data import (ACTIVATION_SPECS, HALF_FORMATS, RESIDUAL_SPECS, all_half_bits, empty_as, half_from_bits,
+                         half_to_bits, make, narrowing_cases, out_tol, stored_as, to_layout, to_ncs, tol, values_of)
 from ckptnorm import get_activation
 from ckptnorm.backends import get_backend
 from ckptnorm.backends.storage import narrow, widen
 from ckptnorm.torch import BatchNormAct2d, batch_norm_act
 
 BACKEND = get_backend("cpu")
-ACTS = [get_activation(n, p) for n, p in [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0), ("relu", None),
-                                          ("silu", None), ("gelu", None)]]
+ACTS = [get_activation(n, p) for n, p in ACTIVATION_SPECS]
+RESIDUAL_ACTS = [get_activation(n, p) for n, p in RESIDUAL_SPECS]
 # (N, C, S): rows = N*S around the channels-last chunk size (256) and channel counts around vector widths
 SHAPES = [(1, 3, 2), (2, 1, 7), (3, 5, 85), (1, 17, 256), (2, 16, 257), (4, 15, 150)]
 
@@ -73,6 +73,9 @@ def test_elementwise_and_reductions(shape, dtype, layout, act):
 
     if act.invertible:
         zl = to_layout(z_ref.astype(np.float64), layout)  # z in float64: isolates the kernel from z's rounding
+        # ... but not from the inverse's conditioning (celu(0.5) at y = -15: exp(30)): y and phi' as the oracle
+        # recovers them from z
+        y, dy = act.inverse(z_ref), dz64 * act.derivative_from_output(z_ref)
         s_dy, s_dyy = BACKEND.reduce_from_output(zl, dzl, layout, beta, act)
         np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(s_dyy, (dy * (y - bc(beta))).sum(axis=(0, 2)), rtol=1e-8, atol=1e-8)
@@ -82,7 +85,7 @@ def test_elementwise_and_reductions(shape, dtype, layout, act):
         np.testing.assert_allclose(to_ncs(dx, layout), want, **tol(dtype))
 
 
-@pytest.mark.parametrize("act", ACTS, ids=lambda a: a.name)
+@pytest.mark.parametrize("act", RESIDUAL_ACTS, ids=lambda a: a.name)
 @pytest.mark.parametrize("layout", ["ncs", "nsc"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("residual_kind", ["dense", "expanded", "strided"])
@@ -125,6 +128,8 @@ def test_residual_primitives(shape, residual_kind, dtype, layout, act):
 
     if act.invertible:
         zl = to_layout(act.forward(pre), layout)  # float64 z: isolates the kernel from z's rounding
+        y = act.inverse(act.forward(pre)) - r64  # and from the inverse's conditioning: y, phi' as the oracle has them
+        dy = dz64 * act.derivative_from_output(act.forward(pre))
         rl64 = to_layout(np.broadcast_to(r64, shape), layout)
         s_dy, s_dyy = BACKEND.reduce_from_output(zl, dzl, layout, beta, act, residual=rl64)
         np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)

@@ -202,9 +202,9 @@ def _randomized(model):
 def test_postact_resnet_sites():
     sites = {s.name: s for s in find_sites(postact_resnet(depth=8, width=4))}
     assert sites["layer1.0.bn2"].fused_residual and sites["layer1.0.bn2"].activation.name == "leaky_relu"
-    # layer2.0: both operands of the add are BNs (bn2 and the projection's BN): the first one takes the site
-    assert sites["layer2.0.bn2"].fused_residual
-    assert sites["layer2.0.bn2"].residual_node == sites["layer2.0.shortcut.1"].bn_node
+    # layer2.0: the projection shortcut (a Sequential ending in a BN) is r; bn2 takes the site, in the block's graph
+    assert sites["layer2.0.bn2"].fused_residual and sites["layer2.0.bn2"].owner == "layer2.0"
+    assert sites["layer2.0.bn2"].residual_node == "shortcut"  # the call of the shortcut module
     assert not sites["layer2.0.shortcut.1"].residual and sites["layer2.0.shortcut.1"].activation.name == "identity"
 
 

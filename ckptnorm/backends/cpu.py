@@ -1,11 +1,13 @@
 """Numba CPU backend: dispatches the primitives of ``Backend`` to the kernels in ``cpu_kernels_linear``
-(identity, relu, leaky_relu: branch-free, one pass without scratch) or ``cpu_kernels`` (statistics, and the smooth
-activations elu, silu, gelu, evaluated per tile).
+(identity, relu, leaky_relu: branch-free, one pass without scratch) or ``cpu_kernels`` (statistics, and every other
+activation -- elu, celu, selu, relu6, hardswish, hardsigmoid, silu, mish, gelu, gelu_tanh, tanh, sigmoid --
+evaluated per tile).
 
 Activations may be stored as float64, float32, or fp16/bf16 bits in uint16/int16 arrays (``base``, ``storage``).
 Kernels are compiled lazily on first use (one compilation per dtype/layout signature) and cached on disk by
 Numba (``cache=True``), so a second process pays no JIT cost.  Numba checks only the kernel module's own source
-for staleness: after editing ``storage.py`` (inlined into every kernel), clear ``__pycache__`` here.
+for staleness: after editing ``storage.py`` or ``activation_math.py`` (inlined into every kernel), clear
+``__pycache__`` here.
 """
 from __future__ import annotations
 

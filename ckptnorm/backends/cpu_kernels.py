@@ -26,6 +26,8 @@ Invariants:
     special, and a float32 kernel compiles to the same code as before half precision existed.
     Elements are processed in tiles (TILE elements of a channel in "ncs", one row of C channels in "nsc"): the
     activation's branch on ``kind`` is taken once per tile, so the per-element loops are simple and vectorize.
+    The per-element formulas are ``activation_math``'s, shared with the CUDA kernels and inlined here; Numba's
+    disk cache does not notice edits there (nor in ``storage``): clear ``__pycache__`` after editing either.
  2. Reductions are deterministic: each channel (ncs) or each fixed row chunk (nsc) is summed by one thread in a
     fixed order, and chunk partials are combined in chunk order.  Chunking depends on the shape only, never on
     the thread count, so results are bitwise identical run to run.
@@ -34,12 +36,12 @@ Invariants:
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
-from ..activations import ELU, GELU, LEAKY_RELU, RELU, SILU  # anything else: identity
+from ..activations import (CELU, ELU, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, LEAKY_RELU, MISH, RELU, RELU6, SELU,
+                           SIGMOID, SILU, TANH)  # anything else: identity
+from . import activation_math as am
 from .storage import narrow, widen
 
 # Channels-last reductions split the N*S rows into fixed chunks, each summed by one thread into a row of partials.
@@ -50,10 +52,6 @@ NSC_MAX_CHUNKS = 512
 # Elements of one channel handled per tile in the "ncs" kernels (float64 scratch: 2 KiB, stays in L1).  Tiles are
 # taken as 1-D slices so that indices are provably non-negative (no wraparound checks): the loops vectorize.
 TILE = 256
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-# ELU inverse: a z rounded onto -alpha would give log1p(-1) = -inf; clamp to a finite y (phi' is ~0 there).
-_ELU_INVERSE_CLAMP = -1.0 + 1e-16
 
 _jit = dict(cache=True, nogil=True)
 # Reductions may reorder their float64 sums (vectorized partial sums); the order is fixed at compile time, so
@@ -62,28 +60,52 @@ _reduce_jit = dict(_jit, fastmath={"reassoc", "contract"})
 
 
 # -- activations over a tile: one branch on `kind` per tile, then a simple loop ------------------------------------
+# The per-element math is ``activation_math``'s (shared with the CUDA kernels); only the dispatch is here.
 @njit(inline="always", **_jit)
 def act_forward_tile(y, k, kind, p):
     """y[:k] = phi(y[:k]) in place."""
     if kind == LEAKY_RELU:
         for j in range(k):
-            v = y[j]
-            y[j] = v if v >= 0.0 else p * v
+            y[j] = am.leaky_relu(y[j], p)
     elif kind == ELU:
         for j in range(k):
-            v = y[j]
-            y[j] = v if v >= 0.0 else p * math.expm1(v)
+            y[j] = am.elu(y[j], p)
     elif kind == RELU:
         for j in range(k):
-            y[j] = max(y[j], 0.0)
+            y[j] = am.relu(y[j])
     elif kind == SILU:
         for j in range(k):
-            v = y[j]
-            y[j] = v / (1.0 + math.exp(-v))
+            y[j] = am.silu(y[j])
     elif kind == GELU:
         for j in range(k):
-            v = y[j]
-            y[j] = 0.5 * v * (1.0 + math.erf(v * _SQRT_HALF))
+            y[j] = am.gelu(y[j])
+    elif kind == RELU6:
+        for j in range(k):
+            y[j] = am.relu6(y[j])
+    elif kind == HARDSWISH:
+        for j in range(k):
+            y[j] = am.hardswish(y[j])
+    elif kind == HARDSIGMOID:
+        for j in range(k):
+            y[j] = am.hardsigmoid(y[j])
+    elif kind == MISH:
+        for j in range(k):
+            y[j] = am.mish(y[j])
+    elif kind == GELU_TANH:
+        for j in range(k):
+            y[j] = am.gelu_tanh(y[j])
+    elif kind == SELU:
+        for j in range(k):
+            y[j] = am.selu(y[j])
+    elif kind == CELU:
+        for j in range(k):
+            y[j] = am.celu(y[j], p)
+    elif kind == TANH:
+        for j in range(k):
+            y[j] = am.tanh(y[j])
+    elif kind == SIGMOID:
+        for j in range(k):
+            y[j] = am.sigmoid(y[j])
 
 
 @njit(inline="always", **_jit)
@@ -91,23 +113,46 @@ def act_grad_tile(y, g, k, kind, p):
     """g[:k] = phi'(y[:k])."""
     if kind == LEAKY_RELU:
         for j in range(k):
-            g[j] = 1.0 if y[j] >= 0.0 else p
+            g[j] = am.leaky_relu_grad(y[j], p)
     elif kind == ELU:
         for j in range(k):
-            v = y[j]
-            g[j] = 1.0 if v >= 0.0 else p * math.exp(v)
+            g[j] = am.elu_grad(y[j], p)
     elif kind == RELU:
         for j in range(k):
-            g[j] = 1.0 if y[j] > 0.0 else 0.0
+            g[j] = am.relu_grad(y[j])
     elif kind == SILU:
         for j in range(k):
-            v = y[j]
-            sig = 1.0 / (1.0 + math.exp(-v))
-            g[j] = sig * (1.0 + v * (1.0 - sig))
+            g[j] = am.silu_grad(y[j])
     elif kind == GELU:
         for j in range(k):
-            v = y[j]
-            g[j] = 0.5 * (1.0 + math.erf(v * _SQRT_HALF)) + v * math.exp(-0.5 * v * v) * _INV_SQRT_2PI
+            g[j] = am.gelu_grad(y[j])
+    elif kind == RELU6:
+        for j in range(k):
+            g[j] = am.relu6_grad(y[j])
+    elif kind == HARDSWISH:
+        for j in range(k):
+            g[j] = am.hardswish_grad(y[j])
+    elif kind == HARDSIGMOID:
+        for j in range(k):
+            g[j] = am.hardsigmoid_grad(y[j])
+    elif kind == MISH:
+        for j in range(k):
+            g[j] = am.mish_grad(y[j])
+    elif kind == GELU_TANH:
+        for j in range(k):
+            g[j] = am.gelu_tanh_grad(y[j])
+    elif kind == SELU:
+        for j in range(k):
+            g[j] = am.selu_grad(y[j])
+    elif kind == CELU:
+        for j in range(k):
+            g[j] = am.celu_grad(y[j], p)
+    elif kind == TANH:
+        for j in range(k):
+            g[j] = am.tanh_grad(y[j])
+    elif kind == SIGMOID:
+        for j in range(k):
+            g[j] = am.sigmoid_grad(y[j])
     else:
         for j in range(k):
             g[j] = 1.0
@@ -119,13 +164,23 @@ def act_inverse_tile(z, g, k, kind, p):
     if kind == LEAKY_RELU:
         for j in range(k):
             v = z[j]
-            g[j] = 1.0 if v >= 0.0 else p
-            z[j] = v if v >= 0.0 else v / p
+            g[j] = am.leaky_relu_grad_from_output(v, p)
+            z[j] = am.leaky_relu_inverse(v, p)
     elif kind == ELU:
         for j in range(k):
             v = z[j]
-            g[j] = 1.0 if v >= 0.0 else v + p
-            z[j] = v if v >= 0.0 else math.log1p(max(v / p, _ELU_INVERSE_CLAMP))
+            g[j] = am.elu_grad_from_output(v, p)
+            z[j] = am.elu_inverse(v, p)
+    elif kind == CELU:
+        for j in range(k):
+            v = z[j]
+            g[j] = am.celu_grad_from_output(v, p)
+            z[j] = am.celu_inverse(v, p)
+    elif kind == SELU:
+        for j in range(k):
+            v = z[j]
+            g[j] = am.selu_grad_from_output(v)
+            z[j] = am.selu_inverse(v)
     else:
         for j in range(k):
             g[j] = 1.0

@@ -5,16 +5,16 @@ how phi is evaluated.  ``cpu_kernels`` branches on the activation code once per 
 float64 scratch arrays, because a branch on a runtime code inside a ``prange`` body keeps the loop from
 vectorizing (Numba outlines the body, so the code is not a compile-time constant there).  A piecewise-linear phi
 needs no code at all: with ``slope`` = phi'(y) for y < 0 (identity 1, relu 0, leaky_relu a) and ``at_zero`` =
-phi'(0) (relu 0, the others 1),
+phi'(0) as PyTorch takes it (identity 1, relu 0, leaky_relu a),
 
     phi(y)    = y if y > 0 else slope * y           (+ 0.0: relu gives +0.0, not -0.0, for y < 0)
     phi'(y)   = 1 if y > 0 else (slope if y < 0 else at_zero)
-    inverse   y = z if z >= 0 else z / slope,  phi' = 1 if z >= 0 else slope     (slope > 0 only)
+    inverse   y = z if z > 0 else z / slope,  phi' = 1 if z > 0 else slope       (slope > 0 only)
 
 are selects that vectorize in one pass over the data, with no scratch arrays: each element is loaded once
 (``widen``), the float64 math stays in registers, and the result is stored once (``narrow``: rounded to the output
 array's storage format, fp16/bf16 bits included; ``storage``).  ``CPUBackend`` sends these three activations
-here and the smooth ones (elu, silu, gelu) to ``cpu_kernels``.
+here and all the others (relu6, hardswish and hardsigmoid included: more than one kink) to ``cpu_kernels``.
 """
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def _grad(y, slope, at_zero):
 
 @njit(inline="always", **_jit)
 def _inverse(z, slope):
-    return z if z >= 0.0 else z / slope
+    return z if z > 0.0 else z / slope
 
 
 @njit(inline="always", **_jit)
 def _grad_from_output(z, slope):
-    return 1.0 if z >= 0.0 else slope
+    return 1.0 if z > 0.0 else slope  # z = 0 means y = 0: PyTorch's slope there
 
 
 # -- normalize + activation ---------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from ._arrays import use_backend
 from ._recompute import SavedTensorsCounter, pack_hook, unpack_hook
 from .compare import Comparison, compare
 from .convert import ConversionReport, SiteDecision, convert, convert_sync
+from .equivalence import Equivalence, check_equivalence
 from .function import BatchNormActFunction, batch_norm_act
 from .modules import (
     BatchNormAct1d,
@@ -23,4 +24,4 @@ __all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d
            "convert", "ConversionReport", "SiteDecision", "find_sites", "Site", "SiteDiscoveryWarning",
            "plan", "Plan", "PlanEntry", "compare", "Comparison",
            "SyncBatchNormAct1d", "SyncBatchNormAct2d", "SyncBatchNormAct3d", "convert_sync", "ProcessGroupReducer",
-           "SyncBatchNormError", "SyncFallbackWarning"]
+           "SyncBatchNormError", "SyncFallbackWarning", "check_equivalence", "Equivalence"]

@@ -10,7 +10,15 @@ own deep copy of the model, so the caller's model is untouched) for:
  - ``torch_checkpoint``: what users do today, ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``
    around each residual block of the original model.  The blocks are the children of the model's top-level
    ``nn.Sequential`` children (``layer1[0]``, ``layer1[1]``, ... in torchvision's ResNets and the built-in
-   ``preact_resnet``); a model without such stages gets each top-level child with parameters wrapped.
+   ``preact_resnet``) when they hold most of the parameters; otherwise the children of the outermost
+   ``nn.Sequential`` / ``nn.ModuleList`` containers found anywhere in the model (``encoder.layer1[0]``, ...,
+   ``decoder.blocks[0]``, ... in segmentation-models-pytorch); failing that, each top-level child with parameters.
+   A model where no blocks are found, or whose checkpointed blocks do not run, gets no such row: ``meta["skipped"]``
+   and the table say why.
+
+The loss of a step is ``ckptnorm.torch.zoo.training_loss``: summed over every output tensor (tuples, lists, dicts
+such as torchvision's segmentation ``{"out", "aux"}``, ``.logits``), cross-entropy for a classifier's logits, the
+mean of squares otherwise.
 
 Per row: ``saved_bytes``, the bytes kept for backward (``SavedTensorsCounter``: exact, each storage once, parameters
 and inputs excluded; for ``torch_checkpoint`` the block inputs that checkpoint keeps for its recomputation are
@@ -43,6 +51,7 @@ import torch
 from ..strategies import STRATEGY_NAMES
 from ._recompute import SavedTensorsCounter
 from .modules import BatchNormAct2d
+from .zoo import training_loss
 
 
 @dataclass
@@ -163,6 +172,7 @@ class Comparison:
                                   .startswith("cuda") else "growth of the process RSS during one step "
                                   "(approximate: sampled, allocator-dependent)"))
         lines.extend(f"  {r.name}: {r.note}" for r in self.rows if r.note)
+        lines.extend(f"  {name}: skipped, {why}" for name, why in m.get("skipped", {}).items())
         return "\n".join(lines)
 
     __str__ = table
@@ -203,13 +213,11 @@ def _as_tuple(inputs):
 
 
 def _loss(out):
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    if getattr(out, "logits", None) is not None:  # torchvision's GoogLeNet/Inception outputs in train mode
-        out = out.logits
-    if out.ndim == 2:  # classifier: cross-entropy against fixed pseudo-random labels
-        target = torch.arange(out.shape[0], device=out.device) * 7919 % out.shape[1]
-        return torch.nn.functional.cross_entropy(out.float(), target)
-    return out.float().square().mean()
+    loss = training_loss(out)
+    if loss is None:
+        raise TypeError("ckptnorm: compare needs a model output with floating-point tensors (a tensor, or tuples, "
+                        "lists or dicts of them); tip: wrap the model so that it returns its output tensors")
+    return loss
 
 
 _active_counter = None  # the SavedTensorsCounter of the step being measured, for torch_checkpoint's block inputs
@@ -228,17 +236,49 @@ def _checkpoint_forward(inner):
     return forward
 
 
-def checkpoint_blocks(model):
-    """Wrap blocks of ``model`` (in place) in non-reentrant ``torch.utils.checkpoint``; return their names.
+def _nparams(module):
+    return sum(p.numel() for p in module.parameters())
 
-    The blocks are the children of the model's top-level ``nn.Sequential`` children; without any, each top-level
-    child with parameters.  Module names and state_dict keys do not change (the blocks' ``forward`` is wrapped).
-    """
-    import torch.utils.checkpoint  # noqa: F401
+
+def _container_blocks(module, prefix=""):
+    """The children with parameters of the outermost ``nn.Sequential`` / ``nn.ModuleList`` containers holding at
+    least two such children, searched top-down (a found container is not searched further)."""
+    containers = (torch.nn.Sequential, torch.nn.ModuleList)
+    found = []
+    for name, child in module.named_children():
+        qual = f"{prefix}{name}"
+        if isinstance(child, containers):
+            inner = [(f"{qual}.{b}", m) for b, m in child.named_children() if _nparams(m)]
+            if len(inner) >= 2:
+                found.extend(inner)
+                continue
+        if _nparams(child):
+            found.extend(_container_blocks(child, f"{qual}."))
+    return found
+
+
+def _find_blocks(model):
+    total = _nparams(model)
     blocks = [(f"{n}.{b}", m) for n, stage in model.named_children() if isinstance(stage, torch.nn.Sequential)
               for b, m in stage.named_children()]
+    if blocks and 2 * sum(_nparams(m) for _, m in blocks) >= total:
+        return blocks
+    if isinstance(model, (torch.nn.Sequential, torch.nn.ModuleList)):
+        blocks = [(n, m) for n, m in model.named_children() if _nparams(m)]
+    else:
+        blocks = _container_blocks(model)
     if not blocks:
-        blocks = [(n, m) for n, m in model.named_children() if any(True for _ in m.parameters())]
+        blocks = [(n, m) for n, m in model.named_children() if _nparams(m)]
+    return blocks
+
+
+def checkpoint_blocks(model):
+    """Wrap blocks of ``model`` (in place) in non-reentrant ``torch.utils.checkpoint``; return their names (empty
+    when none are found; see the module docstring for which).  Module names and state_dict keys do not change (the
+    blocks' ``forward`` is wrapped).
+    """
+    import torch.utils.checkpoint  # noqa: F401
+    blocks = _find_blocks(model)
     for _, m in blocks:
         m.forward = _checkpoint_forward(m.forward)
     return [n for n, _ in blocks]
@@ -371,6 +411,8 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
         def build_ckpt():
             wrapped = copy.deepcopy(model)
             blocks = checkpoint_blocks(wrapped)
+            if not blocks:
+                raise _Skip("no blocks found to wrap in torch.utils.checkpoint (no child module with parameters)")
             shown = ", ".join(blocks[:3]) + (", ..." if len(blocks) > 3 else "")
             return wrapped, f"torch.utils.checkpoint (non-reentrant) around {len(blocks)} blocks ({shown})"
         variants.append(("torch_checkpoint", build_ckpt))
@@ -378,14 +420,27 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
     bar = _progress(len(variants) * (repeats + 3), progress)
     global _active_counter
     rows, reference = [], None
-    measured = {}
+    measured, skipped = {}, {}
     try:
         for name, build in variants:
             if bar is not None:
                 bar.set_postfix_str(name)
-            m, note = build()
-            m.train()
-            _step(m, inputs)  # warm-up (kernel compilation, allocator); its gradients are compared
+            if name == "torch_checkpoint":  # a baseline of the table, not ckptnorm: skipped when it does not apply
+                try:
+                    m, note = build()
+                    m.train()
+                    _step(m, inputs)
+                except Exception as exc:  # noqa: BLE001 -- whatever checkpointing the blocks breaks
+                    skipped[name] = (str(exc) if isinstance(exc, _Skip) else
+                                     f"the checkpointed blocks do not run ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''})")
+                    if bar is not None:
+                        bar.update(repeats + 3)
+                    continue
+            else:
+                m, note = build()
+                m.train()
+                _step(m, inputs)  # warm-up (kernel compilation, allocator); its gradients are compared
             grads = _param_grads(m)
             if bar is not None:
                 bar.update()
@@ -428,4 +483,10 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
     meta = {"model": model_name or type(model).__name__, "input": f"{shape} {str(inputs[0].dtype)[6:]}",
             "device": str(device), "threads": torch.get_num_threads(), "repeats": repeats,
             "torch": torch.__version__}
+    if skipped:
+        meta["skipped"] = skipped
     return Comparison(rows, meta)
+
+
+class _Skip(Exception):
+    """A row that does not apply to the model (its message says why)."""

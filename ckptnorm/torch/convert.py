@@ -1,30 +1,41 @@
-"""``convert``: replace a model's BatchNorm + activation sites by ``BatchNormAct*d`` layers with chosen strategies.
+"""``convert``: replace a model's BatchNorm (+ activation) sites by ckptnorm layers with chosen strategies.
 
-The original model is never modified: ``convert`` works on a deep copy.  A traced model comes back as a
-``torch.fx.GraphModule`` with the same submodule names (BN modules replaced in place, fused activation call nodes
-removed from the graph, activation modules left alone since they may be shared); an untraceable model comes back as
-the same class, with the fused activation children of its ``nn.Sequential`` containers replaced by ``nn.Identity``.
-Either way the state_dict keys are unchanged and the original's state_dict loads with ``strict=True``.
+The model keeps its class, its ``forward`` code, methods and attributes: ``convert`` returns a deep copy (or, with
+``inplace_module=True``, the model itself) in which BatchNorm modules are swapped for ``BatchNormAct*d`` layers
+inside the module tree, with the same names, so state_dict keys are unchanged and a checkpoint of the original
+loads with ``strict=True``.  Rules (``sites`` and ``graph`` hold the analysis behind them):
 
-Residual sites (``BN -> add(r) -> act``) become one layer called as ``layer(x, r)``, placed where the add was (r
-may be computed after the BN, e.g. by a projection shortcut); the add and activation call nodes are removed.  There
-``inplace_abn`` keeps z only (plus r, which the block's first conv keeps anyway), while ``checkpoint`` and
-``efficient_checkpoint`` keep x and leave z materialized -- it is the next block's input and residual -- so they
-save nothing at residual sites (design note, "Residual sites"); the report says so.
+ 1. An activation module called once, right after its BN, is fused by swapping it for ``nn.Identity``.
+ 2. Any other fusion -- a functional or shared activation, a residual site ``BN -> add(r) -> act`` fused into
+    ``layer(x, r)`` -- rewrites the forward of the one module that calls the BN, and only when that forward traces
+    to the same graph in training and eval mode with no optional arguments; the report names every rewritten
+    module.  Otherwise the site is converted without its activation, and the report says why.
+ 3. A strategy that keeps the layer's output (``inplace_abn``) is not used where an op may modify that output in
+    place afterwards (``out += shortcut``, an unfused ``ReLU(inplace=True)``), or where the output reaches code that
+    was not traced: such sites get ``efficient_checkpoint``, which keeps the input instead.
+ 4. A site ckptnorm cannot prove it computes identically (a norm-act module with a drop layer, an activation it
+    cannot run, a frozen BN) is left as it was, with the reason in ``ckptnorm_report``.
+
+Residual sites: there ``inplace_abn`` keeps z only (plus r, which the block's first conv keeps anyway), while
+``checkpoint`` and ``efficient_checkpoint`` keep x and leave z materialized -- it is the next block's input and
+residual -- so they save nothing at residual sites (docs, "Residual sites"); the report says so.
 
 ``convert_sync`` (and ``convert(..., sync=True)``) makes every BatchNorm layer synchronized across the processes of
 a torch.distributed group: ``BatchNormAct*d`` become ``SyncBatchNormAct*d`` (same strategy and activation), plain
 ``nn.BatchNorm*d`` become ``SyncBatchNormAct*d`` with the identity activation and the ``standard`` strategy (the same
-math as the BN, synchronized, on CPU too).
+math as the BN, synchronized, on CPU too).  ``nn.SyncBatchNorm`` (and timm's ``SyncBatchNormAct``) sites always
+become synchronized layers over the same process group.
 """
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..strategies import get_strategy
+from .graph import RewrittenForward
 from .modules import (
     BatchNormAct1d,
     BatchNormAct2d,
@@ -38,7 +49,16 @@ from .modules import (
 from .sites import discover
 from .sync import deepcopy_keeping_groups
 
-__all__ = ["ConversionReport", "SiteDecision", "convert", "convert_sync"]
+__all__ = ["ConversionReport", "SiteDecision", "SyncBatchNormAct", "convert", "convert_sync"]
+
+
+class SyncBatchNormAct(_SyncBatchNormAct):
+    """Synchronized BatchNorm + activation for any (N, C, ...) input, like ``nn.SyncBatchNorm`` (what its sites
+    become: the input rank is not known when converting)."""
+
+    _expected_dims = (2, 3, 4, 5)
+    _shape_hint = "(N, C, ...)"
+
 
 _ACT_CLASSES = {nn.BatchNorm1d: BatchNormAct1d, nn.BatchNorm2d: BatchNormAct2d, nn.BatchNorm3d: BatchNormAct3d}
 _SYNC_CLASSES = {nn.BatchNorm1d: SyncBatchNormAct1d, nn.BatchNorm2d: SyncBatchNormAct2d,
@@ -49,7 +69,8 @@ FALLBACK = "efficient_checkpoint"
 
 @dataclass(frozen=True)
 class SiteDecision:
-    """What ``convert`` did at one site.  ``applied`` is None when the site was left as plain BN (+ activation)."""
+    """What ``convert`` did at one site.  ``applied`` is None when the site was left as it was.
+    ``predicted_saved_bytes``: bytes kept for backward that the change saves (needs ``example_inputs``)."""
 
     name: str
     activation: str
@@ -57,10 +78,26 @@ class SiteDecision:
     applied: str | None
     inplace: bool
     reason: str = ""
+    predicted_saved_bytes: int | None = None
 
 
 class ConversionReport(list):
-    """Per-site ``SiteDecision`` records, printable as a table."""
+    """Per-site ``SiteDecision`` records, printable as a table; ``rewritten`` lists the modules whose forward was
+    rewritten (rule 2), ``predicted_saved_bytes`` the predicted saving in bytes kept for backward of one training
+    step (None without ``example_inputs``)."""
+
+    rewritten: tuple = ()
+
+    @property
+    def predicted_saved_bytes(self):
+        values = [d.predicted_saved_bytes for d in self if d.applied is not None]
+        if any(v is None for v in values):
+            return None
+        return sum(values)
+
+    @property
+    def converted(self) -> int:
+        return sum(d.applied is not None for d in self)
 
     def __str__(self):
         rows = [("site", "activation", "requested", "applied", "inplace", "reason")]
@@ -73,8 +110,11 @@ class ConversionReport(list):
             lines.append("  ".join(c.ljust(w) for c, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else ""))
             if i == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  ------")
-        converted = sum(d.applied is not None for d in self)
-        lines.append(f"{converted} of {len(self)} sites converted")
+        lines.append(f"{self.converted} of {len(self)} sites converted")
+        if self.rewritten:
+            lines.append("forward rewritten: " + ", ".join(n or "(model)" for n in self.rewritten))
+        if self.predicted_saved_bytes is not None:
+            lines.append(f"predicted saving: {self.predicted_saved_bytes / 2**20:.2f} MiB kept for backward")
         return "\n".join(lines)
 
     def __repr__(self):
@@ -112,73 +152,28 @@ def _resolver(strategy):
     return lambda site: name
 
 
-def _new_layer(bn, site, strategy, inplace):
-    param = bn.weight if bn.weight is not None else bn.running_mean
-    kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
-    layer = _ACT_CLASSES[type(bn)](bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                                   bias=not bn.affine or bn.bias is not None, activation=site.activation.name,
-                                   activation_param=site.activation.param, strategy=strategy, inplace=inplace, **kw)
-    layer.load_state_dict(bn.state_dict(), strict=True)
-    for name, p in bn.named_parameters(recurse=False):
-        getattr(layer, name).requires_grad_(p.requires_grad)
-    layer.train(bn.training)
-    return layer
-
-
-def _set_module(root, qualname, module):
-    parent, _, leaf = qualname.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def _restore_missing_state(gm, src):
-    """GraphModule copies only what its graph uses: put back modules, parameters and buffers it left out, so that the
-    state_dict keys stay those of ``src``."""
-    for qual, mod in src.named_modules():
-        if not qual:
-            target = gm
-        else:
-            try:
-                target = gm.get_submodule(qual)
-            except AttributeError:
-                parent, _, leaf = qual.rpartition(".")
-                holder = gm
-                for part in parent.split(".") if parent else ():
-                    if not hasattr(holder, part):
-                        holder.add_module(part, nn.Module())
-                    holder = getattr(holder, part)
-                holder.add_module(leaf, mod)
-                continue
-        for name, p in mod.named_parameters(recurse=False):
-            if not hasattr(target, name):
-                target.register_parameter(name, p)
-        for name, b in mod.named_buffers(recurse=False):
-            if not hasattr(target, name):
-                target.register_buffer(name, b, persistent=name not in mod._non_persistent_buffers_set)
-
-
 def _decide(site, requested, inplace, strict):
     """(applied, inplace, reason) for one site."""
-    act = site.activation.describe()
+    act = site.describe_activation()
     notes = []
+    if site.note:
+        return None, False, site.note
     if site.fused_residual:
         notes.append("residual site: add and activation fused")
     elif site.residual:
-        notes.append(f"residual site not fused: no ckptnorm kernel for {site.unfused}")
+        notes.append(f"residual site not fused: {site.rewrite_blocked or 'no ckptnorm kernel for ' + site.unfused}")
     elif site.unfused:
-        notes.append(f"{site.unfused} after the BN is not fused (no ckptnorm kernel for it)")
+        why = site.rewrite_blocked or "no ckptnorm kernel for it"
+        notes.append(f"{site.unfused} after the BN is not fused ({why})")
+    if site.calls > 1:
+        notes.append(f"BN module called {site.calls} times: converted without fusing an activation")
     if requested is None:
         return None, False, "; ".join(["no strategy requested"] + notes)
-    if site.calls > 1:
-        msg = (f"ckptnorm: BatchNorm module {site.name!r} is called {site.calls} times in the graph, so it cannot be "
-               "replaced for one call only; tip: give each call its own BatchNorm module, or leave this site out "
-               "(map its name to None in a strategy dict)")
-        if strict:
-            raise ValueError(msg)
-        return None, False, f"BN module called {site.calls} times: left as is"
     applied = requested
-    try:
-        get_strategy(requested).check_activation(site.activation)
-    except ValueError:
+    strat = get_strategy(requested)
+    needs_inverse = strat.requires_invertible and (site.activation_module is not None or
+                                                   not site.activation.invertible)
+    if needs_inverse:
         if strict:
             raise ValueError(
                 f"ckptnorm: site {site.name!r} cannot take strategy {requested!r}: it needs an invertible activation "
@@ -187,6 +182,18 @@ def _decide(site, requested, inplace, strict):
                 "fall back automatically") from None
         applied = FALLBACK
         notes.insert(0, f"{requested} needs an invertible activation, {act} is not: fell back to {FALLBACK}")
+    elif strat.requires_invertible and site.precision_risk:
+        # inplace_abn's precision check would keep x (and z) at every call: efficient_checkpoint keeps x alone
+        applied = FALLBACK
+        notes.insert(0, f"{site.precision_risk}: {requested} would keep x as well (precision fallback), so "
+                        f"{FALLBACK} keeps less")
+    elif "z" in strat.keeps and strat.name != "standard" and site.in_place_writer:
+        if strict:
+            raise ValueError(f"ckptnorm: site {site.name!r} cannot take strategy {requested!r}, which keeps the "
+                             f"layer's output: {site.in_place_writer}; tip: request 'efficient_checkpoint' for this "
+                             "site, or pass strict=False to fall back automatically")
+        applied = FALLBACK
+        notes.insert(0, f"{site.in_place_writer}: {requested} would keep a modified output, fell back to {FALLBACK}")
     if site.fused_residual and get_strategy(applied).rematerializes_output:
         notes.append("output stays materialized (the next block's residual): saves nothing here")
     use_inplace = False
@@ -203,19 +210,98 @@ def _decide(site, requested, inplace, strict):
     return applied, use_inplace, "; ".join(notes)
 
 
-def _fuse_residual(graph, nodes, site):
-    """``act(bn(x) + r)`` -> ``layer(x, r)``, inserted at the add (both x and r exist there)."""
-    bn, add, act = nodes[site.bn_node], nodes[site.add_node], nodes[site.activation_node]
-    # r from the add's current arguments: r may be an earlier site's activation node, replaced since discovery
-    residual = add.args[1] if add.args[0] is bn else add.args[0]
-    with graph.inserting_before(add):
-        fused = graph.call_module(site.name, (bn.args[0], residual))
-    fused.meta = dict(act.meta)
-    act.replace_all_uses_with(fused)
-    for node in (act, add, bn):
-        graph.erase_node(node)
+# -- prediction of the saving -------------------------------------------------------------------------------------
+# What PyTorch's own activation keeps for backward: its result z (these, out of place), or its input y.  In place,
+# the ones whose derivative is a function of z keep z; the others keep a copy of y taken before overwriting it.
+_KEEPS_RESULT = {"identity", "relu", "sigmoid", "tanh"}
+_KEEPS_RESULT_IN_PLACE = _KEEPS_RESULT | {"leaky_relu", "elu", "celu", "selu"}
 
 
+def _buffers_kept(site, strategy) -> int:
+    """Activation-sized buffers kept for backward at this site (BN input, pre-activation, output)."""
+    act = site.activation.name if site.activation is not None else "module"
+    identity = act == "identity" and site.activation_module is None
+    if strategy is None:  # the original model
+        result = act in (_KEEPS_RESULT_IN_PLACE if site.act_in_place else _KEEPS_RESULT)
+        keeps_y = not identity and not result
+        keeps_z = (not identity and result) or site.output_kept
+        return 1 + keeps_y + keeps_z
+    strat = get_strategy(strategy)
+    if strat.name == "standard":
+        keeps_y = not identity and act not in _KEEPS_RESULT | {"leaky_relu", "elu", "celu", "selu"}
+        keeps_z = not identity or site.output_kept
+        return 1 + keeps_y + keeps_z
+    if "z" in strat.keeps:  # inplace_abn: z alone
+        return 1
+    # checkpoint / efficient_checkpoint keep x; consumers keep a recipe, except at residual sites
+    return 1 + (site.fused_residual and site.output_kept)
+
+
+def _predicted_saving(site, applied):
+    if site.input_shape is None or site.input_dtype is None:
+        return None
+    nbytes = math.prod(site.input_shape) * site.input_dtype.itemsize
+    return (_buffers_kept(site, None) - _buffers_kept(site, applied)) * nbytes
+
+
+# -- applying -----------------------------------------------------------------------------------------------------
+def _layer_class(bn, site):
+    if site.kind == "sync_bn" or (site.kind == "norm_act" and isinstance(bn, nn.SyncBatchNorm)):
+        return SyncBatchNormAct
+    for base, cls in _ACT_CLASSES.items():
+        if isinstance(bn, base):
+            return cls
+    raise TypeError(f"ckptnorm: no layer for {type(bn).__name__}; tip: leave this site out")
+
+
+def _new_layer(bn, site, strategy, inplace):
+    param = bn.weight if bn.weight is not None else bn.running_mean
+    kw = {} if param is None else {"device": param.device, "dtype": param.dtype}
+    if site.activation_module is not None:
+        kw.update(activation=site.activation_module)
+    else:
+        kw.update(activation=site.activation.name, activation_param=site.activation.param)
+    cls = _layer_class(bn, site)
+    if cls is SyncBatchNormAct:
+        kw["process_group"] = bn.process_group
+    layer = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
+                bias=not bn.affine or bn.bias is not None, strategy=strategy, inplace=inplace, **kw)
+    layer.load_state_dict(bn.state_dict(), strict=True)
+    for name, p in bn.named_parameters(recurse=False):
+        getattr(layer, name).requires_grad_(p.requires_grad)
+    layer.train(bn.training)
+    return layer
+
+
+def _replace_modules(root, replacements):
+    """Swap modules by identity everywhere in the tree (a module held under several names stays one module)."""
+    for mod in list(root.modules()):
+        for name, child in list(mod._modules.items()):
+            if child is not None and id(child) in replacements:
+                mod._modules[name] = replacements[id(child)]
+
+
+def _rewrite(piece, sites):
+    """Edit the owner's graph for its fused sites and install the generated forward (rule 2)."""
+    graph = piece.graph
+    nodes = {n.name: n for n in graph.nodes}
+    for site in sites:
+        bn, act = nodes[site.bn_node], nodes[site.activation_node]
+        if site.fused_residual:
+            add = nodes[site.add_node]
+            # r from the add's current arguments: r may be an earlier site's activation node, replaced since
+            residual = add.args[1] if add.args[0] is bn else add.args[0]
+            with graph.inserting_before(add):
+                fused = graph.call_module(bn.target, (bn.args[0], residual))
+            fused.meta = dict(act.meta)
+            act.replace_all_uses_with(fused)
+            for node in (act, add, bn):
+                graph.erase_node(node)
+        else:
+            act.replace_all_uses_with(bn)
+            graph.erase_node(act)
+    graph.lint()
+    piece.module.forward = RewrittenForward(piece.module, graph)
 def _sync_layer(bn, process_group):
     """The ``SyncBatchNormAct*d`` equivalent of a plain BN or a ``BatchNormAct*d`` (same state, mode, devices)."""
     param = bn.weight if bn.weight is not None else bn.running_mean
@@ -278,8 +364,9 @@ def convert_sync(model: nn.Module, process_group=None):
 
 
 def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example_inputs=None, sync=False,
-            process_group=None):
-    """Return a converted deep copy of ``model``; its ``ckptnorm_report`` tells what happened at each site.
+            process_group=None, inplace_module=False):
+    """Return ``model`` converted: a deep copy of the same class (``inplace_module=True``: the model itself), whose
+    ``ckptnorm_report`` tells what happened at each site.
 
     ``strategy``: a strategy name (every site); a dict of glob patterns on the BN modules' qualified names -> name
     (first matching pattern wins, ``"*"`` is the default whatever its position; a site matching nothing, or mapped
@@ -287,14 +374,14 @@ def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example
     ``inplace``: ``"auto"`` writes z over x only for inplace_abn sites whose BN input the graph proves has no other
     reader; ``True`` asks for it everywhere inplace_abn applies (still never where the input may have other readers:
     recorded); ``False`` never.  ``strict``: a site that cannot take its requested strategy raises ``ValueError``
-    instead of falling back to ``efficient_checkpoint``.  ``example_inputs``: when given, each ``Site`` handed to a
-    callable ``strategy`` knows its input shape (one shape-propagation run, in eval mode, without gradients).
-    ``sync``: also synchronize every BatchNorm layer across ``process_group`` (torch.distributed; None: the default
-    group), as ``convert_sync`` does on the converted model: sites left as plain BN become synchronized identity
-    layers with the ``standard`` strategy.
+    instead of falling back to ``efficient_checkpoint``.  ``example_inputs``: when given, each ``Site`` knows its
+    input shape (one forward in eval mode, without gradients) and the report predicts the saving.  ``sync``: also
+    synchronize every BatchNorm layer across ``process_group`` (torch.distributed; None: the default group), as
+    ``convert_sync`` does on the converted model.
 
-    Eval outputs and training gradients equal the original's (up to the kernels' rounding).  Forward hooks
-    registered on the replaced BN modules and on removed activation calls do not carry over.
+    Eval outputs, training outputs, gradients and running statistics equal the original's (up to the kernels'
+    rounding: ``check_equivalence`` measures it).  Forward hooks on replaced BN and activation modules do not carry
+    over.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"ckptnorm: convert needs an nn.Module, got {type(model).__name__}; tip: pass the model")
@@ -307,40 +394,34 @@ def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example
     if inplace not in ("auto", True, False):
         raise ValueError(f"ckptnorm: inplace must be 'auto', True or False, got {inplace!r}; tip: use 'auto'")
     resolve = _resolver(strategy)
-    work = deepcopy_keeping_groups(model)
-    gm, sites = discover(work, example_inputs)
+    work = model if inplace_module else deepcopy_keeping_groups(model)
+    pieces, sites = discover(work, example_inputs)
     report = ConversionReport()
     planned = []
     for site in sites:
-        requested = resolve(site)
+        requested = resolve(site) if site.kind != "frozen" else None
         applied, use_inplace, reason = _decide(site, requested, inplace, strict)
-        report.append(SiteDecision(site.name, site.activation.describe(), requested, applied, use_inplace, reason))
+        saving = _predicted_saving(site, applied) if applied is not None else 0
+        report.append(SiteDecision(site.name, site.describe_activation(), requested, applied, use_inplace, reason,
+                                   saving))
         if applied is not None:
             planned.append((site, applied, use_inplace))
-    root = work if gm is None else gm
+    replacements, by_owner = {}, {}
     for site, applied, use_inplace in planned:
-        bn = root.get_submodule(site.name)
-        _set_module(root, site.name, _new_layer(bn, site, applied, use_inplace))
-    if gm is None:
-        for site, _, _ in planned:
-            if site.activation_node is not None:
-                _set_module(work, site.activation_node, nn.Identity())
-        result = work
-    else:
-        nodes = {n.name: n for n in gm.graph.nodes}
-        for site, _, _ in planned:
-            if site.fused_residual:
-                _fuse_residual(gm.graph, nodes, site)
-            elif site.activation_node is not None:
-                act = nodes[site.activation_node]
-                act.replace_all_uses_with(nodes[site.bn_node])
-                gm.graph.erase_node(act)
-        gm.graph.lint()
-        gm.recompile()
-        _restore_missing_state(gm, work)
-        gm.training = work.training  # submodules keep their own modes
-        result = gm
+        bn = work.get_submodule(site.name)
+        replacements[id(bn)] = _new_layer(bn, site, applied, use_inplace)
+        if site.fuse == "rewrite":
+            by_owner.setdefault(site.owner, []).append(site)
+    _replace_modules(work, replacements)
+    work = replacements.get(id(work), work)  # the model itself is a BN
+    for site, _, _ in planned:
+        if site.fuse == "swap":
+            parent, _, leaf = site.activation_node.rpartition(".")
+            setattr(work.get_submodule(parent) if parent else work, leaf, nn.Identity())
+    for owner, owned in by_owner.items():
+        _rewrite(next(p for p in pieces.all_pieces() if p.name == owner), owned)
+    report.rewritten = tuple(by_owner)
     if sync:
-        _synchronize(result, process_group)
-    result.ckptnorm_report = report
-    return result
+        _synchronize(work, process_group)
+    work.ckptnorm_report = report
+    return work

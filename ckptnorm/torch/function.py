@@ -4,6 +4,13 @@
 hands NumPy views to the strategy (``ckptnorm.strategies``) and saves exactly what the strategy's plan keeps.
 Synchronized BN (a ``reducer``, training) runs every strategy, ``standard`` included, through that Function:
 PyTorch's own synchronized BN does not run on CPU tensors, and ``Standard``'s plan keeps what the native ops keep.
+
+Activation modules (any elementwise ``nn.Module`` or callable f without a kernel here, ``nn.Hardtanh(-2, 2)``, a
+user's own): z = f(BN(x) [+ r]).  Under ``checkpoint``/``efficient_checkpoint`` the Function computes y with the
+identity-activation kernels and z = f(y) without a graph, keeping only what the strategy keeps; its backward
+recomputes y, re-runs f under autograd for dy, then runs the identity activation's BN backward with that dy.
+Consumers of z keep a recipe that re-runs f too (``_recompute.ModuleCall``).  Under ``standard`` (and wherever the
+strategy keeps z anyway) f simply runs after BN, recorded by autograd as in the original model.
 """
 from __future__ import annotations
 
@@ -13,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..activations import get_activation
-from ..strategies import get_strategy, updated_running_stats
+from ..activations import Activation, get_activation
+from ..strategies import batch_statistics, get_strategy, merged_statistics, updated_running_stats
 from . import _arrays, _recompute, sync
 from ._recompute import in_backward
 
@@ -22,9 +29,10 @@ from ._recompute import in_backward
 class _Config:
     """Per-call constants, passed to the Function as one non-tensor argument."""
 
-    __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats", "reducer")
+    __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats", "reducer", "module")
 
     def __init__(self, **kw):
+        self.module = None  # a _recompute.ModuleCall when the activation is a module (act is then identity)
         for k, v in kw.items():
             setattr(self, k, v)
 
@@ -56,6 +64,8 @@ class BatchNormActFunction(torch.autograd.Function):
         out = x if cfg.inplace else torch.empty_like(x)
         backend.normalize_act(x_arr, _arrays.activation_view(out, layout), layout, plan.mean, plan.scale, beta,
                               cfg.act, r_arr)
+        if cfg.module is not None:  # out is y: z = f(y), no graph (forward runs without grad); "z" is never kept
+            out = cfg.module.first_run(out)
         if cfg.inplace:
             ctx.mark_dirty(x)
         kept = {"x": x_kept, "z": out, "residual": residual,
@@ -83,10 +93,13 @@ class BatchNormActFunction(torch.autograd.Function):
         need_dres = "residual" in saved and ctx.needs_input_grad[5]
         dx = torch.empty_like(ref) if (ctx.needs_input_grad[0] or need_dres) else None
         dres = torch.empty_like(ref) if need_dres else None
+        count = ctx.count
+        if cfg.module is not None:  # the gradient reaching the BN is dy = dz * f'(y), not dz
+            dz, count = _gradient_through_module(cfg, backend, arrays, dz, ref, layout, ctx.gamma, ctx.beta, count)
         dgamma, dbeta = cfg.strategy.backward(
             backend, arrays, _arrays.gradient_view(dz, layout),
             None if dx is None else _arrays.activation_view(dx, layout),
-            layout, ctx.gamma, ctx.beta, cfg.act, cfg.training, cfg.eps, ctx.count,
+            layout, ctx.gamma, ctx.beta, cfg.act, cfg.training, cfg.eps, count,
             None if dres is None else _arrays.activation_view(dres, layout), reducer=cfg.reducer)
         w_dtype, b_dtype = ctx.param_dtypes
         grad_w = _arrays.channel_tensor(dgamma).to(w_dtype) if ctx.needs_input_grad[1] else None
@@ -94,18 +107,104 @@ class BatchNormActFunction(torch.autograd.Function):
         return (dx if ctx.needs_input_grad[0] else None), grad_w, grad_b, None, None, dres, None
 
 
+def _gradient_through_module(cfg, backend, arrays, dz, x, layout, gamma, beta, count):
+    """(dy, count) for an activation module: y recomputed from x by the identity kernel, f re-run under autograd.
+
+    The statistics y needs are added to ``arrays``, so that the strategy's backward (which then sees "mean" and
+    "invstd", as efficient_checkpoint's) does not recompute them a second time: checkpoint makes one reduction pass
+    here, and a synchronized checkpoint one exchange, as with a kernel activation."""
+    if "mean" not in arrays:  # checkpoint in training: recompute the statistics (global ones when synced)
+        if cfg.reducer is not None:
+            count, mean, _, invstd, _, _, _ = merged_statistics(backend, arrays["x"], layout, cfg.eps, cfg.reducer)
+        else:
+            mean, _, invstd, _, _ = batch_statistics(backend, arrays["x"], layout, cfg.eps)
+        arrays["mean"], arrays["invstd"] = mean, invstd
+    y = torch.empty_like(x)
+    backend.normalize_act(arrays["x"], _arrays.activation_view(y, layout), layout, arrays["mean"],
+                          gamma * arrays["invstd"], beta, cfg.act, arrays.get("residual"))
+    return cfg.module.gradient(y, dz), count
+
+
+_IDENTITY = get_activation("identity")
+
+
+def is_activation_module(activation) -> bool:
+    """True for a module or callable activation, False for a name, an ``Activation`` or None (identity)."""
+    return activation is not None and not isinstance(activation, (str, Activation)) and callable(activation)
+
+
+def activation_module(activation, activation_param=None, strategy=None):
+    """The activation as a callable f when it is a module or callable (checked), None when it is a name.
+
+    Rules (each raises ValueError/TypeError with a tip): f has no parameters and no buffers (the layer's state is
+    BatchNorm's, and a recomputation would neither train nor update them); f is an instance, not a class; no
+    ``activation_param`` (configure f itself); not ``inplace_abn``, which inverts phi (f has no known inverse).
+    The promises that cannot be checked cheaply are the user's: f is elementwise (the output's shape and device
+    are checked on every call) and deterministic apart from the default RNGs (whose state is restored for re-runs).
+    """
+    if not is_activation_module(activation):
+        return None
+    name = _recompute.describe_callable(activation)
+    if isinstance(activation, type):
+        raise TypeError(f"ckptnorm: activation {activation.__name__} is a class; tip: pass an instance, e.g. "
+                        f"activation={activation.__name__}()")
+    if activation_param is not None:
+        raise ValueError(f"ckptnorm: activation_param={activation_param!r} given with activation module {name}; "
+                         "tip: configure the module itself and drop activation_param")
+    if isinstance(activation, torch.nn.Module):
+        state = [n for n, _ in activation.named_parameters()] + [n for n, _ in activation.named_buffers()]
+        if state:
+            raise ValueError(
+                f"ckptnorm: activation module {name} has parameters or buffers ({', '.join(state)}); a BatchNormAct "
+                "layer holds BatchNorm's state only, and its recomputation in backward would neither train nor update "
+                "them; tip: keep it as a separate module after the layer, e.g. nn.Sequential(BatchNormAct2d(C, "
+                "activation='identity'), nn.PReLU(C))")
+    strat = get_strategy(strategy) if strategy is not None else None
+    if strat is not None and strat.requires_invertible:
+        raise ValueError(
+            f"ckptnorm: strategy {strat.name!r} recovers y from z = phi(y) and needs an invertible activation with a "
+            f"kernel, but activation module {name} has no known inverse; tip: use strategy='efficient_checkpoint' "
+            "(keeps x and re-runs the module in backward), or a named activation with an inverse (e.g. leaky_relu)")
+    return activation
+
+
 def _native_activation(y, act):
-    # In place on BN's fresh output where autograd can differentiate it from the result (saves keeping y).
-    if act.name == "identity":
+    # In place on BN's fresh output where PyTorch's in-place variant differentiates from the result (saves keeping
+    # y) and computes what the out-of-place op does.  Not in place: relu6 (hardtanh_), hardswish_, hardsigmoid_,
+    # mish_ and silu_ keep a copy of their input for backward, which saves nothing and costs a copy; gelu has no
+    # in-place variant; a negative leaky slope or elu/celu alpha has no backward from the result.
+    name, a = act.name, act.param
+    if name == "identity":
         return y
-    if act.name == "leaky_relu":
-        return F.leaky_relu(y, act.param, inplace=act.param > 0)
-    if act.name == "elu":
-        return F.elu(y, act.param, inplace=act.param > 0)
-    if act.name == "relu":
+    if name == "leaky_relu":
+        return F.leaky_relu(y, a, inplace=a > 0)
+    if name == "elu":
+        return F.elu(y, a, inplace=a > 0)
+    if name == "celu":
+        # PyTorch's celu backward takes 1 / float32(alpha) as its inner scale, its celu_ backward from the result
+        # computes (z + alpha) / float32(alpha): the two agree only when alpha is a float32 value
+        exact = torch.tensor(a, dtype=torch.float32).item() == a
+        return F.celu(y, a, inplace=a > 0 and exact)
+    if name == "selu":
+        return F.selu(y, inplace=True)
+    if name == "relu":
         return F.relu(y, inplace=True)
-    if act.name == "silu":
+    if name == "relu6":
+        return F.relu6(y)
+    if name == "hardswish":
+        return F.hardswish(y)
+    if name == "hardsigmoid":
+        return F.hardsigmoid(y)
+    if name == "mish":
+        return F.mish(y)
+    if name == "tanh":
+        return torch.tanh_(y)
+    if name == "sigmoid":
+        return torch.sigmoid_(y)
+    if name == "silu":
         return F.silu(y)
+    if name == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
     return F.gelu(y)
 
 
@@ -176,8 +275,10 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     """BatchNorm followed by an activation, with the memory strategy ``strategy``: ``phi(BN(x) [+ residual])``.
 
     Arguments follow ``torch.nn.functional.batch_norm`` (``momentum`` is the running-average factor used for this
-    call), plus ``activation`` (a name or ``ckptnorm.Activation``), its ``activation_param`` (leaky slope, ELU
-    alpha), ``strategy`` (name, class or instance), ``inplace`` (``inplace_abn`` only: write z over x) and
+    call), plus ``activation`` (a name or ``ckptnorm.Activation``; or any elementwise activation module or callable
+    on tensors without a kernel here, ``nn.Hardtanh(-2., 2.)``, ``torch.tanh``: see ``activation_module`` for its
+    rules, not with ``inplace_abn``), its ``activation_param`` (leaky slope, ELU alpha; None with a module),
+    ``strategy`` (name, class or instance), ``inplace`` (``inplace_abn`` only: write z over x) and
     ``residual`` (a tensor like x, any strides, added before the activation: the end of a post-activation
     residual block, fused into the layer; every strategy keeps it for backward -- the block's first conv keeps it
     anyway -- and the output is never re-materialized there, see the design note's "Residual sites").
@@ -186,11 +287,20 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     batch (which may be empty on some); ignored in eval mode.  The ``SyncBatchNormAct*d`` modules pass it.
     """
     strat = get_strategy(strategy)
-    act = get_activation(activation, activation_param)
+    fn = activation_module(activation, activation_param, strat)
+    act = _IDENTITY if fn is not None else get_activation(activation, activation_param)
     strat.check_activation(act)
     reducer = reducer if training else None  # eval mode never communicates
     _validate(x, running_mean, running_var, weight, bias, training, momentum, eps, strat, inplace, residual,
               synced=reducer is not None)
+    if fn is not None and (not strat.rematerializes_output or (reducer is None and x.numel() == 0)):
+        # standard (or a strategy keeping z anyway, or an empty batch): BN as that strategy computes it, then f
+        # recorded by autograd, exactly as the original model runs (f keeps what it keeps).
+        y = batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, _IDENTITY, None,
+                           strat, inplace, residual, reducer)
+        z = fn(y)
+        _recompute.check_elementwise(fn, x.shape, x.device, z)
+        return z
     recomputing = in_backward()
     if reducer is None and (strat.name == "standard" or x.numel() == 0):
         # native ops (they also define what an empty batch gives)
@@ -216,7 +326,8 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
         x = x.contiguous()  # arbitrary strides: one copy, then the NCHW kernels
     _recompute.release_hooks_if_idle()
     cfg = _Config(strategy=strat, act=act, training=training, momentum=momentum, eps=eps, inplace=inplace,
-                  update_stats=not recomputing, reducer=reducer)
+                  update_stats=not recomputing, reducer=reducer,
+                  module=None if fn is None else _recompute.ModuleCall(fn))
     z = BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, cfg)
     if strat.rematerializes_output and residual is None and z.requires_grad and x.numel():
         node = z.grad_fn  # the Function's ctx: holds the layout, plan and beta of this call

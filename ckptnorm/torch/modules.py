@@ -3,14 +3,23 @@
 Same constructor arguments, parameters, buffers and state_dict keys as ``nn.BatchNorm*d`` (a plain BN state_dict
 loads with ``strict=True``), plus ``activation``, ``activation_param``, ``strategy`` and ``inplace``.
 ``SyncBatchNormAct*d`` are the synchronized versions (like ``nn.SyncBatchNorm``, plus ``process_group``).
+
+``activation`` is a name (then the attribute ``activation`` is that canonical name and ``activation_param`` its
+parameter) or an elementwise activation module or callable ckptnorm has no kernel for, ``nn.Hardtanh(-2., 2.)``,
+a user's ``nn.Module`` (then the attribute ``activation`` is that module -- a registered child without state,
+modules with parameters or buffers are refused -- so that state_dict keys stay BatchNorm's while
+``.train()``/``.eval()``/``deepcopy`` reach it; ``activation_param`` must be None and stays None).  Rules and
+strategies: ``function.activation_module``.
 """
 from __future__ import annotations
 
+from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..activations import get_activation
 from ..strategies import get_strategy
-from .function import batch_norm_act, in_backward
+from ._recompute import describe_callable
+from .function import activation_module, batch_norm_act, in_backward, is_activation_module
 from .sync import reducer_for
 
 
@@ -19,21 +28,32 @@ class _BatchNormAct(_BatchNorm):
     _shape_hint = ""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None,
-                 dtype=None, *, bias=True, activation="leaky_relu", activation_param=0.01,
+                 dtype=None, *, bias=True, activation="leaky_relu", activation_param=None,
                  strategy="efficient_checkpoint", inplace=False):
         if not eps > 0:
             raise ValueError(f"ckptnorm: eps must be positive, got {eps}; tip: use the default 1e-5")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        act = get_activation(activation, activation_param)
         strat = get_strategy(strategy)
-        strat.check_activation(act)
+        fn = activation_module(activation, activation_param, strat)  # None for a named activation
+        act = None if fn is not None else get_activation(activation, activation_param)
+        if act is not None:
+            strat.check_activation(act)
         if inplace and not strat.may_overwrite_input:
             raise ValueError(f"ckptnorm: inplace=True is only meaningful with strategy='inplace_abn', got "
                              f"{strat.name!r}; tip: drop inplace=True")
-        self.activation = act.name
-        self.activation_param = act.param
+        # A module activation becomes a registered child (no state_dict keys: it has no state; modes follow ours).
+        self.activation = fn if fn is not None else act.name
+        self.activation_param = None if fn is not None else act.param
         self.strategy = strat.name
         self.inplace = inplace
+
+    def __setattr__(self, name, value):
+        # Replacing a module activation by a name (or plain callable): nn.Module refuses a non-module value for a
+        # registered child, so unregister it first.
+        if name == "activation" and not isinstance(value, nn.Module) and "activation" in self.__dict__.get(
+                "_modules", {}):
+            del self._modules["activation"]
+        super().__setattr__(name, value)
 
     def _check_input_dim(self, input):
         if input.dim() not in self._expected_dims:
@@ -59,12 +79,16 @@ class _BatchNormAct(_BatchNorm):
         # Like nn.SyncBatchNorm: only a module in training mode synchronizes (batch statistics in eval mode, without
         # running statistics, stay local).
         reducer = self._reducer() if self.training else None
+        param = None if is_activation_module(self.activation) else self.activation_param  # a module: its own
         return batch_norm_act(input, self.running_mean if track else None, self.running_var if track else None,
                               self.weight, self.bias, use_batch_stats, factor, self.eps, self.activation,
-                              self.activation_param, self.strategy, self.inplace, residual, reducer)
+                              param, self.strategy, self.inplace, residual, reducer)
 
     def extra_repr(self):
-        act = get_activation(self.activation, self.activation_param).describe()
+        if is_activation_module(self.activation):
+            act = describe_callable(self.activation)
+        else:
+            act = get_activation(self.activation, self.activation_param).describe()
         extra = f", activation={act}, strategy={self.strategy}"
         if self.inplace:
             extra += ", inplace=True"
@@ -105,7 +129,7 @@ class _SyncBatchNormAct(_BatchNormAct):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, *, bias=True, activation="leaky_relu",
-                 activation_param=0.01, strategy="efficient_checkpoint", inplace=False):
+                 activation_param=None, strategy="efficient_checkpoint", inplace=False):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          activation=activation, activation_param=activation_param, strategy=strategy,
                          inplace=inplace)

@@ -2,7 +2,8 @@
 
 Measurement (on deep copies, through ``convert``; the caller's model, its running statistics included, is never
 run): a full training step -- forward inside ``SavedTensorsCounter`` (parameters, buffers and the example inputs
-excluded), then ``backward`` of the sum of squares of the outputs -- on
+excluded), then ``backward`` of ``ckptnorm.torch.zoo.training_loss`` of the outputs (every output tensor: tuples,
+lists, dicts such as torchvision's segmentation ``{"out", "aux"}``) -- on
 
 * the baseline: every site ``standard``;
 * for every site and every strategy valid there (``inplace_abn`` only where the site's activation is invertible):
@@ -12,6 +13,12 @@ Saved bytes are exact (one counted run per configuration); a candidate's byte de
 baseline's.  Time: for each site, the baseline and that site's candidates run round-robin (one warm-up each, then
 ``repeats`` rounds); a candidate's time delta is its median minus the baseline's median from the same loop, so slow
 drifts of the machine cancel.  At most ``1 + number of strategies`` model copies are alive at once.
+
+The copies are made once: ``convert(model, {"*": name})`` for the baseline and each strategy, and a candidate is
+the baseline with that site's layer swapped for the same site's layer of the strategy's copy (and swapped back
+after), so a model with S sites costs 1 + number of strategies conversions instead of about S x strategies.  Where
+the copies' module trees differ (a conversion that depends on the strategy), each candidate is converted on its own
+as ``{site: name, "*": "standard"}``.
 
 Choice: exactly one strategy per site, minimizing the summed time deltas subject to
 ``baseline bytes + summed byte deltas <= budget`` -- a multiple-choice knapsack, solved exactly by dynamic
@@ -35,6 +42,7 @@ from ..strategies import STRATEGY_NAMES, get_strategy
 from ._recompute import SavedTensorsCounter
 from .convert import convert
 from .sites import find_sites
+from .zoo import training_loss
 
 __all__ = ["Plan", "PlanEntry", "plan", "choose"]
 
@@ -190,17 +198,6 @@ def _as_tuple(inputs):
                     "tip: pass e.g. torch.randn(8, 3, 224, 224)")
 
 
-def _loss(out):
-    if isinstance(out, torch.Tensor):
-        return out.float().square().sum() if out.is_floating_point() else None
-    if isinstance(out, (tuple, list)):
-        parts = [p for p in (_loss(o) for o in out) if p is not None]
-        return sum(parts[1:], parts[0]) if parts else None
-    if isinstance(out, dict):
-        return _loss(list(out.values()))
-    return None
-
-
 def _step(model, inputs, counter=None):
     model.zero_grad(set_to_none=True)
     if counter is None:
@@ -208,10 +205,10 @@ def _step(model, inputs, counter=None):
     else:
         with counter:
             out = model(*inputs)
-    loss = _loss(out)
+    loss = training_loss(out)
     if loss is None:
-        raise TypeError("ckptnorm: plan needs a model output with floating-point tensors (a tensor or a tuple of "
-                        "them); tip: wrap the model so that it returns its output tensor")
+        raise TypeError("ckptnorm: plan needs a model output with floating-point tensors (a tensor, or tuples, lists "
+                        "or dicts of them); tip: wrap the model so that it returns its output tensor")
     loss.backward()
 
 
@@ -224,14 +221,75 @@ def _prepare(model, strategy_dict, inputs, inplace):
     return m, counter.saved_bytes
 
 
-def _timed_rounds(models, inputs, repeats):
+def _timed_rounds(models, inputs, repeats, setups=None):
+    """Median step time of each model, round-robin; ``setups[k]()`` (if given) runs before model k's step and returns
+    the model to step (untimed)."""
     times = [[] for _ in models]
     for _ in range(repeats):
         for k, m in enumerate(models):
+            if setups is not None:
+                m = setups[k]()
             start = time.perf_counter()
             _step(m, inputs)
             times[k].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+def _set_module(root, qualname, module):
+    parent, _, leaf = qualname.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def _swap_copies(model, names, site_names, inplace):
+    """``{name: convert(model, {"*": name})}`` for the baseline and each strategy, or None where their module trees
+    differ or a site is not a module of every copy (then candidates are converted one by one)."""
+    copies = {n: convert(model, {"*": n}, inplace=inplace).train() for n in names}
+    tree = [q for q, _ in copies[BASELINE].named_modules()]
+    for c in copies.values():
+        if [q for q, _ in c.named_modules()] != tree:
+            return None
+        for site in site_names:
+            try:
+                c.get_submodule(site)
+            except AttributeError:
+                return None
+    return copies
+
+
+def _measure_swapping(copies, sites, alts_of, inputs, repeats):
+    """Per-site candidates ``{site: {strategy: (bytes delta, time delta)}}``, the baseline's bytes and its per-site
+    median times, measured on the baseline copy with one site's layer swapped at a time."""
+    base = copies[BASELINE]
+
+    def counted(m):
+        counter = SavedTensorsCounter(exclude=[m, *inputs])
+        _step(m, inputs, counter)
+        return counter.saved_bytes
+
+    baseline_bytes = counted(base)
+    candidates, baseline_times = {}, []
+    for site in sites:
+        own = base.get_submodule(site.name)
+        alts = alts_of(site)
+        layers = [own] + [copies[n].get_submodule(site.name) for n in alts]
+
+        def setter(layer):
+            def setup():
+                _set_module(base, site.name, layer)
+                return base
+            return setup
+        setups = [setter(layer) for layer in layers]
+        nbytes = []
+        for setup in setups[1:]:
+            nbytes.append(counted(setup()))  # also the candidate's warm-up
+        medians = _timed_rounds([base] * len(layers), inputs, repeats, setups)
+        _set_module(base, site.name, own)
+        baseline_times.append(medians[0])
+        cand = {BASELINE: (0, 0.0)}
+        for n, b, med in zip(alts, nbytes, medians[1:]):
+            cand[n] = (b - baseline_bytes, med - medians[0])
+        candidates[site.name] = cand
+    return candidates, baseline_bytes, baseline_times
 
 
 def _budget_bytes(budget, baseline_bytes):
@@ -280,20 +338,28 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
             return False
         return True
 
-    base_cfg = {"*": BASELINE}
-    baseline, baseline_bytes = _prepare(model, base_cfg, inputs, inplace)
-    baseline_times = []
-    candidates = {}
-    for site in sites:
-        alts = [n for n in names if n != BASELINE and valid(site, n)]
-        prepared = [_prepare(model, {site.name: n, "*": BASELINE}, inputs, inplace) for n in alts]
-        medians = _timed_rounds([baseline] + [m for m, _ in prepared], inputs, repeats)
-        baseline_times.append(medians[0])
-        cand = {BASELINE: (0, 0.0)}
-        for n, (_, nbytes), med in zip(alts, prepared, medians[1:]):
-            cand[n] = (nbytes - baseline_bytes, med - medians[0])
-        candidates[site.name] = cand
-        del prepared
+    def alts_of(site):
+        return [n for n in names if n != BASELINE and valid(site, n)]
+
+    copies = _swap_copies(model, names, [s.name for s in sites], inplace) if sites else None
+    if copies is not None:
+        baseline = copies[BASELINE]
+        candidates, baseline_bytes, baseline_times = _measure_swapping(copies, sites, alts_of, inputs, repeats)
+        del copies
+    else:
+        baseline, baseline_bytes = _prepare(model, {"*": BASELINE}, inputs, inplace)
+        baseline_times = []
+        candidates = {}
+        for site in sites:
+            alts = alts_of(site)
+            prepared = [_prepare(model, {site.name: n, "*": BASELINE}, inputs, inplace) for n in alts]
+            medians = _timed_rounds([baseline] + [m for m, _ in prepared], inputs, repeats)
+            baseline_times.append(medians[0])
+            cand = {BASELINE: (0, 0.0)}
+            for n, (_, nbytes), med in zip(alts, prepared, medians[1:]):
+                cand[n] = (nbytes - baseline_bytes, med - medians[0])
+            candidates[site.name] = cand
+            del prepared
     if not baseline_times:
         baseline_times = _timed_rounds([baseline], inputs, repeats)
     del baseline

@@ -1,27 +1,26 @@
-"""Site discovery: where a model runs ``BatchNorm -> activation`` that ``convert`` can fuse into a ``BatchNormAct``.
+"""Site discovery: where a model runs ``BatchNorm [-> add(r)] -> activation`` that ``convert`` can replace.
 
-A *site* is one call of a plain ``nn.BatchNorm1d/2d/3d`` module.  With ``torch.fx`` symbolic tracing:
+A *site* is one BatchNorm module: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, or timm's ``BatchNormAct2d`` /
+``SyncBatchNormAct`` (BN and activation in one module, same state_dict keys).  Frozen BatchNorm modules
+(torchvision's and timm's ``FrozenBatchNorm2d``) are listed as sites that stay as they are.  The code around a
+site is read from the fx graph of the module whose forward calls it (``graph.Pieces``; each forward is traced on
+its own), and the site records how its activation can be fused:
 
-* ``BN -> act``, where the activation is the BN output's only user, is a site with that activation.  Activations
-  recognized: modules ``nn.ReLU``, ``nn.LeakyReLU``, ``nn.ELU``, ``nn.SiLU``, ``nn.GELU`` (exact form only),
-  ``nn.Identity``; functions ``F.relu``, ``torch.relu``, ``F.leaky_relu``, ``F.elu``, ``F.silu``, ``F.gelu`` (also
-  with ``inplace=``, and their ``_`` in-place variants) and the ``Tensor.relu`` method.
-* ``BN -> add(r) -> act`` (the end of a post-activation residual block), where the add and the activation each
-  have one user, is a site with ``residual=True``: ``convert`` fuses it into one layer computing
-  ``phi(BN(x) + r)`` (design note, "Residual sites").  When both operands of the add are such BN calls (a
-  projection shortcut ending in a BN), the add's first operand is the site; the other BN stays an identity site.
-  With an activation ckptnorm has no kernel for (``relu6``, ...), the site is not fused: identity activation,
-  ``unfused`` names it.
-* Any other BN (no activation user, several users, or an activation ckptnorm has no kernel for: ``relu6``,
-  ``gelu(approximate='tanh')``, ...) is a site with the identity activation; ``unfused`` names the activation that
-  stays a separate op when there is one.  Decision: ``relu6`` is not fused (ckptnorm has no relu6), such a BN is
-  an identity site with ``unfused="relu6"``.
+* ``fuse="swap"``: ``BN -> act`` where the activation is a module called once in the whole model and the BN output
+  has no other reader: the BN becomes the fused layer and the activation module an ``nn.Identity``.  No code
+  changes.
+* ``fuse="rewrite"``: the activation is a function (``F.relu``, ``x.relu()``), a module called elsewhere too
+  (torchvision's ResNet blocks call one ``relu`` three times), or the site is a residual one
+  (``BN -> add(r) -> act``, fused into ``layer(x, r)``): the forward of the module that calls the BN is replaced
+  by code generated from its edited graph -- only when ``graph.Piece.rewritable`` holds; otherwise
+  ``rewrite_blocked`` says why and the site is converted without its activation.
+* ``fuse="inside"``: a norm-act module (timm) brings its own activation.
+* ``fuse=""``: nothing to fuse (no activation after the BN, or one ckptnorm cannot compute: ``unfused`` names it).
 
-Activations are matched per call node, so a shared activation module (torchvision's ResNet calls one ``relu`` three
-times) is never touched: ``convert`` removes call nodes, not modules.
-
-When tracing fails (data-dependent control flow), ``find_sites`` falls back to adjacent children of every
-``nn.Sequential`` (a BN child immediately followed by an activation module) and warns (``SiteDiscoveryWarning``).
+Activations fused: every one ``ckptnorm.activations`` has a kernel for (ReLU, ReLU6, LeakyReLU, ELU, CELU, SELU,
+SiLU, GELU both forms, Hardswish, Hardsigmoid, Mish, Tanh, Sigmoid, Identity, as modules or functions), and any
+other parameter-free elementwise activation module of torch.nn or timm, which the layer then runs itself
+(``activation_module``; ``checkpoint``, ``efficient_checkpoint`` and ``standard`` only).
 """
 from __future__ import annotations
 
@@ -34,41 +33,38 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..activations import Activation, get_activation
-from .modules import _BatchNormAct
+from .graph import Pieces, bn_kind
 
 __all__ = ["Site", "SiteDiscoveryWarning", "find_sites"]
 
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 IDENTITY = get_activation("identity")
 
 
 class SiteDiscoveryWarning(UserWarning):
-    """Tracing failed and the ``nn.Sequential`` fallback was used."""
+    """Part of the model could not be traced: sites there are converted without fusing, or left as they are."""
 
 
 @dataclass(frozen=True)
 class Site:
-    """One plain BatchNorm call that ``convert`` may replace.
+    """One BatchNorm module that ``convert`` may replace (see the module docstring for ``fuse``).
 
-    ``name``: qualified name of the BN module.  ``activation``: what the converted layer would apply (identity when
-    nothing can be fused; identity at residual sites).  ``activation_node``: the fx node name of the fused activation
-    call (traced), or the qualified name of the activation child (Sequential fallback); ``None`` when there is
-    none.  ``input_has_other_readers``: True unless the graph proves the BN input is read by nothing else -- it is
-    produced by an op known to return a fresh tensor that its backward does not keep (conv, linear, pooling, add,
-    cat, ...), and the BN is its only user; a model input or a shortcut reader makes it True.  ``gamma_range``:
-    (min, max) of |weight|, ``None`` without affine weight.  ``residual``: the pattern ``BN -> add -> act``;
-    ``residual_activation`` is its fusable activation (then also ``activation``, with ``add_node`` the fx node of
-    the add and ``residual_node`` that of its other operand r), None when it cannot be fused.  ``unfused``: an
-    activation after the BN that is not fused (e.g. ``"relu6"``), or "".  ``bn_node``: fx node name of the BN call
-    (``None`` in the fallback).  ``traced``: found by fx tracing (False: Sequential fallback).  ``calls``: how many
-    times the graph calls this BN module.
+    ``activation``: what the converted layer applies (an ``Activation``; identity when nothing is fused), or None
+    when ``activation_module`` (an elementwise module without a kernel) is fused instead.  ``activation_node``: the
+    fx node of the fused activation call in the owner's graph, or the qualified name of the activation module for
+    ``fuse="swap"``.  ``owner``: qualified name of the module whose forward calls the BN ("" for the model itself;
+    None when no traced code calls it).  ``calls``: traced calls of the BN module.  ``input_has_other_readers``:
+    False only when the graph proves the BN input is a fresh tensor read by nothing else (``inplace="auto"``).
+    ``in_place_writer``: why an op may modify the layer's output in place afterwards ("" if none can).
+    ``output_kept``: some consumer keeps the layer's output for its backward.  ``residual``: the pattern
+    ``BN -> add -> act`` (fused when ``add_node`` is set).  ``unfused``: an activation after the BN that is not
+    fused, or "".  ``rewrite_blocked``: why the owner's forward may not be rewritten, when fusing needed it.
     """
 
     name: str
     bn_type: type
-    activation: Activation
-    activation_node: str | None
-    channels: int
+    activation: Activation | None
+    activation_node: str | None = None
+    channels: int = 0
     input_shape: tuple | None = None
     input_has_other_readers: bool = True
     gamma_range: tuple | None = None
@@ -80,54 +76,102 @@ class Site:
     calls: int = 1
     add_node: str | None = None
     residual_node: str | None = None
+    kind: str = "bn"
+    owner: str | None = None
+    fuse: str = ""
+    activation_module: nn.Module | None = None
+    rewrite_blocked: str = ""
+    in_place_writer: str = ""
+    output_kept: bool = True
+    input_dtype: torch.dtype | None = None
+    act_in_place: bool = False
+    note: str = ""
+
+    @property
+    def precision_risk(self) -> str:
+        """Why ``inplace_abn``'s precision check would keep x at this site's current parameters ("" if it would
+        not): gamma = 0 (zero-initialized last BN of a residual block) or |gamma| < |beta| / 31 in some channel."""
+        if self.gamma_range is None:
+            return ""
+        return "gamma = 0 in some channel" if self.gamma_range[0] == 0 else ""
 
     @property
     def fused_residual(self) -> bool:
         """``convert`` fuses the add and the activation into this site's layer."""
         return self.add_node is not None
 
+    def describe_activation(self) -> str:
+        if self.activation_module is not None:
+            return type(self.activation_module).__name__
+        return (self.activation or IDENTITY).describe()
+
 
 # -- activation matching --------------------------------------------------------------------------------------------
-_FN_SIMPLE = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.silu: "silu", F.relu6: "relu6"}
-_FN_PARAM = {F.leaky_relu: ("leaky_relu", "negative_slope", 0.01), F.elu: ("elu", "alpha", 1.0)}
-for _name in ("relu_", "leaky_relu_", "elu_"):
+_FN_SIMPLE = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.silu: "silu", F.relu6: "relu6",
+              F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish", F.selu: "selu",
+              torch.selu: "selu", torch.tanh: "tanh", torch.sigmoid: "sigmoid", F.tanh: "tanh",
+              F.sigmoid: "sigmoid", torch.tanh_: "tanh", torch.sigmoid_: "sigmoid"}
+_FN_PARAM = {F.leaky_relu: ("leaky_relu", "negative_slope", 0.01), F.elu: ("elu", "alpha", 1.0),
+             F.celu: ("celu", "alpha", 1.0)}
+for _name in ("relu_", "leaky_relu_", "elu_", "celu_", "selu_"):
     _fn = getattr(F, _name, None)
     if _fn is not None:
-        if _name == "relu_":
-            _FN_SIMPLE[_fn] = "relu"
+        if _name in ("relu_", "selu_"):
+            _FN_SIMPLE[_fn] = _name[:-1]
         else:
             _FN_PARAM[_fn] = _FN_PARAM[getattr(F, _name[:-1])]
-_METHODS = {"relu": "relu", "relu_": "relu"}
+_METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
+            "tanh_": "tanh"}
+_MODULE_NAMES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish",
+                 nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish", nn.SELU: "selu", nn.Tanh: "tanh",
+                 nn.Sigmoid: "sigmoid", nn.Identity: "identity"}
+# timm's own activation classes with the same math as the PyTorch ops named
+_TIMM_NAMES = {"Swish": "silu", "Mish": "mish", "Sigmoid": "sigmoid", "Tanh": "tanh", "HardSwish": "hardswish",
+               "HardSigmoid": "hardsigmoid", "GELU": "gelu", "GELUTanh": "gelu_tanh"}
+# torch.nn activation modules that are not elementwise (or not deterministic, or hold state): never fused as modules
+_NOT_ELEMENTWISE = ("Softmax", "Softmin", "LogSoftmax", "Softmax2d", "GLU", "MultiheadAttention", "PReLU", "RReLU",
+                    "AdaptiveLogSoftmaxWithLoss")
 
 
 def _module_activation(mod):
-    """(name, param) for an activation module, or None."""
+    """("name", param) for a module ckptnorm has a kernel for, ("module", mod) for another elementwise activation
+    module it can run itself, or None."""
     t = type(mod)
-    if t is nn.ReLU:
-        return "relu", None
-    if t is nn.ReLU6:
-        return "relu6", None
+    if t in _MODULE_NAMES:
+        return _MODULE_NAMES[t], None
     if t is nn.LeakyReLU:
         return "leaky_relu", float(mod.negative_slope)
-    if t is nn.ELU:
-        return "elu", float(mod.alpha)
-    if t is nn.SiLU:
-        return "silu", None
+    if t in (nn.ELU, nn.CELU):
+        return ("elu" if t is nn.ELU else "celu"), float(mod.alpha)
     if t is nn.GELU:
         return ("gelu", None) if mod.approximate == "none" else ("gelu_" + mod.approximate, None)
-    if t is nn.Identity:
-        return "identity", None
+    if t is nn.Hardtanh and float(mod.min_val) == 0.0 and float(mod.max_val) == 6.0:
+        return "relu6", None
+    lib = t.__module__
+    if lib.startswith("timm.layers.activations") and t.__name__ in _TIMM_NAMES:
+        return _TIMM_NAMES[t.__name__], None
+    if _stateless(mod) and (
+            (lib == "torch.nn.modules.activation" and t.__name__ not in _NOT_ELEMENTWISE)
+            or (lib.startswith("timm.layers.activations") and "GLU" not in t.__name__)):
+        return "module", mod
     return None
 
 
-def _node_activation(node, modules, input_node):
-    """(name, param) when ``node`` applies an activation to ``input_node`` (its first argument), else None."""
+def _stateless(mod) -> bool:
+    return not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers())
+
+
+def _node_activation(node, piece, input_node):
+    """What ``node`` applies to ``input_node`` (its first argument) when it is an activation, else None."""
     if not node.args or node.args[0] is not input_node:
         return None
     if any(a is input_node for a in list(node.args[1:]) + list(node.kwargs.values())):
         return None
     if node.op == "call_module":
-        return _module_activation(modules.get(node.target))
+        try:
+            return _module_activation(piece.submodule(node.target))
+        except AttributeError:
+            return None
     if node.op == "call_method":
         if node.target in _METHODS and len(node.args) == 1 and not node.kwargs:
             return _METHODS[node.target], None
@@ -146,21 +190,25 @@ def _node_activation(node, modules, input_node):
     if target is F.gelu:
         approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
         return ("gelu", None) if approx == "none" else (f"gelu_{approx}", None)
+    if target is F.hardtanh:
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        return ("relu6", None) if (lo, hi) == (0.0, 6.0) else None
     return None
 
 
 def _as_activation(found):
     """An ``Activation`` for a fusable (name, param), else None."""
-    if found is None:
+    if found is None or found[0] == "module":
         return None
     name, param = found
     try:
         return get_activation(name, param)
-    except ValueError:  # relu6, gelu_tanh, ...: no ckptnorm activation
+    except ValueError:  # a name this version of the kernels does not know
         return None
 
 
-# -- "fresh output" producers: ops whose result is a new tensor that their own backward does not keep ----------------
+# -- readers of the BN input --------------------------------------------------------------------------------------
 _FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
                   nn.Linear, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
                   nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -170,47 +218,26 @@ _FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, torch.add, torch.s
 _FRESH_METHODS = {"add", "sub", "mul", "matmul"}
 
 
-def _fresh_module(mod) -> bool:
-    if isinstance(mod, _FRESH_MODULES):
-        return True
-    # a plain BN returns a new tensor; its backward keeps its input, not its output
-    return type(mod) in BN_TYPES
-
-
-def _fresh_node(node, modules) -> bool:
+def _fresh_node(node, piece, pieces, depth=0) -> bool:
+    """``node`` returns a new tensor that its own backward does not keep (a traced child piece: what it returns)."""
     if node.op == "call_module":
-        return _fresh_module(modules.get(node.target))
+        try:
+            mod = piece.submodule(node.target)
+        except AttributeError:
+            return False
+        child = pieces.piece(mod)
+        if child is not None:
+            if child.graph is None or depth > 8:
+                return False
+            out = next(n for n in child.graph.nodes if n.op == "output").args[0]
+            return (isinstance(out, fx.Node) and out.op not in ("placeholder", "get_attr") and len(out.users) == 1
+                    and _fresh_node(out, child, pieces, depth + 1))
+        return isinstance(mod, _FRESH_MODULES) or bn_kind(mod) == "bn"
     if node.op == "call_function":
         return node.target in _FRESH_FUNCTIONS
     if node.op == "call_method":
         return node.target in _FRESH_METHODS
     return False
-
-
-class _Tracer(fx.Tracer):
-    """Default tracer that also keeps ckptnorm's own modules as leaves."""
-
-    def is_leaf_module(self, m, qualname):
-        return isinstance(m, _BatchNormAct) or super().is_leaf_module(m, qualname)
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model`` (ckptnorm modules as leaves); the GraphModule shares ``model``'s submodules."""
-    graph = _Tracer().trace(model)
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
-
-
-def _gamma_range(bn):
-    if bn.weight is None:
-        return None
-    w = bn.weight.detach().abs()
-    if w.numel() == 0:
-        return None
-    return float(w.min()), float(w.max())
-
-
-def _is_plain_bn(mod) -> bool:
-    return type(mod) in BN_TYPES
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}
@@ -226,119 +253,184 @@ def _residual_operand(node, bn_node):
     return other if isinstance(other, fx.Node) and other is not bn_node else None
 
 
-def _claims_residual(bn_node, other, modules) -> bool:
-    """When both operands of the add are single-user BN calls, only the add's first operand takes the site."""
-    other_is_bn = (other.op == "call_module" and _is_plain_bn(modules.get(other.target)) and len(other.users) == 1)
-    add = next(iter(bn_node.users))
-    return not other_is_bn or add.args[0] is bn_node
+def _claims_residual(piece, bn_node, add, other) -> bool:
+    """When both operands of the add are single-user plain BN calls, only the add's first operand takes the site."""
+    if other.op == "call_module" and len(other.users) == 1:
+        try:
+            if bn_kind(piece.submodule(other.target)) in ("bn", "sync_bn"):
+                return add.args[0] is bn_node
+        except AttributeError:
+            pass
+    return True
 
 
-def graph_sites(gm: fx.GraphModule) -> list:
-    """Sites of a traced GraphModule (``input_shape`` from ``tensor_meta`` when shape propagation ran)."""
-    modules = dict(gm.named_modules())
-    bn_calls = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and _is_plain_bn(modules.get(node.target)):
-            bn_calls[node.target] = bn_calls.get(node.target, 0) + 1
-    sites = []
-    for node in gm.graph.nodes:
-        if not (node.op == "call_module" and _is_plain_bn(modules.get(node.target))):
-            continue
-        bn = modules[node.target]
-        act, act_node, residual, res_act, unfused = IDENTITY, None, False, None, ""
-        add_node = residual_node = None
-        users = list(node.users)
-        if len(users) == 1:
-            user = users[0]
-            found = _node_activation(user, modules, node)
-            if found is not None:
-                fused = _as_activation(found)
-                if fused is not None:
-                    act, act_node = fused, user.name
-                else:
-                    unfused = found[0]
-            elif _residual_operand(user, node) is not None and len(user.users) == 1:
-                other = _residual_operand(user, node)
-                nxt = next(iter(user.users))
-                found = _node_activation(nxt, modules, user)
-                if found is not None and _claims_residual(node, other, modules):
-                    residual = True
-                    res_act = _as_activation(found)
-                    if res_act is None:
-                        unfused = found[0]
-                    else:
-                        act, act_node, add_node, residual_node = res_act, nxt.name, user.name, other.name
-        inp = node.args[0] if node.args else None
-        readers = True
-        if isinstance(inp, fx.Node) and inp.op not in ("placeholder", "get_attr"):
-            readers = len(inp.users) > 1 or not _fresh_node(inp, modules)
-        meta = node.meta.get("tensor_meta")
-        shape = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-        sites.append(Site(node.target, type(bn), act, act_node, bn.num_features, shape, readers, _gamma_range(bn),
-                          residual, res_act, unfused, node.name, True, bn_calls[node.target], add_node,
-                          residual_node))
-    return sites
+def _gamma_range(bn):
+    if getattr(bn, "weight", None) is None:
+        return None
+    w = bn.weight.detach().abs()
+    if w.numel() == 0:
+        return None
+    return float(w.min()), float(w.max())
 
 
-def sequential_sites(model: nn.Module) -> list:
-    """Fallback discovery: BN children of every ``nn.Sequential``, fused with an activation child right after."""
-    sites = []
-    for qual, seq in model.named_modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        children = list(seq.named_children())
-        for i, (cname, child) in enumerate(children):
-            if not _is_plain_bn(child):
-                continue
-            name = f"{qual}.{cname}" if qual else cname
-            act, act_name, unfused = IDENTITY, None, ""
-            if i + 1 < len(children):
-                nname, nxt = children[i + 1]
-                found = _module_activation(nxt)
-                fused = _as_activation(found)
-                if fused is not None:
-                    act, act_name = fused, f"{qual}.{nname}" if qual else nname
-                elif found is not None:
-                    unfused = found[0]
-            readers = i == 0 or not _fresh_module(children[i - 1][1])
-            sites.append(Site(name, type(child), act, act_name, child.num_features, None, readers,
-                              _gamma_range(child), False, None, unfused, None, False, 1))
-    return sites
+# -- discovery ------------------------------------------------------------------------------------------------------
+def _fusion(pieces, piece, node):
+    """How the activation after BN call ``node`` can be fused: a dict of Site fields."""
+    users = list(node.users)
+    out = {"fuse": "", "activation": IDENTITY}
+    if len(users) != 1:
+        return out, node
+    user = users[0]
+    found = _node_activation(user, piece, node)
+    add = other = None
+    if found is None:
+        other = _residual_operand(user, node)
+        if other is None or len(user.users) != 1 or not _claims_residual(piece, node, user, other):
+            return out, node
+        add, act_call = user, next(iter(user.users))
+        found = _node_activation(act_call, piece, add)
+        if found is None:
+            return out, node
+        user = act_call
+        out["residual"] = True
+    fused = _as_activation(found)
+    module = found[1] if found[0] == "module" else None
+    if fused is None and module is None:
+        out["unfused"] = found[0]
+        return out, node
+    if add is not None and module is not None:
+        out["unfused"] = type(module).__name__  # residual + module activation: not fused
+        return out, node
+    swap = False
+    if user.op == "call_module" and add is None:
+        act_mod = piece.submodule(user.target)
+        # rule 2 of graph.py: every call of the module is known, and only this one exists
+        swap = (len(pieces.calls(act_mod)) == 1 and not pieces.untraced_parent(act_mod)
+                and _single_name(pieces, act_mod))
+    blocked = "" if swap else piece.rewritable()
+    if blocked:
+        out["rewrite_blocked"] = blocked
+        out["unfused"] = fused.describe() if fused is not None else type(module).__name__
+        return out, node
+    out.update(fuse="swap" if swap else "rewrite", activation=fused, activation_module=module,
+               activation_node=piece.qualname(user.target) if swap else user.name,
+               act_in_place=_writes_input(piece, user))
+    if add is not None:
+        out.update(residual_activation=fused, add_node=add.name, residual_node=other.name)
+    return out, user
 
 
-def _shape_prop(gm: fx.GraphModule, example_inputs) -> None:
-    """Fill ``tensor_meta`` by running ``gm`` once in eval mode without grad (running statistics untouched)."""
-    from torch.fx.passes.shape_prop import ShapeProp
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    modes = {m: m.training for m in gm.modules()}
-    try:
-        gm.eval()
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+def _writes_input(piece, node) -> bool:
+    """The activation call works in place (what PyTorch then keeps for its backward is its result)."""
+    if node.op == "call_module":
+        return getattr(piece.submodule(node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    return node.kwargs.get("inplace") is True or getattr(node.target, "__name__", "").endswith("_") or (
+        len(node.args) > 1 and node.args[-1] is True)
+
+
+def _single_name(pieces, mod) -> bool:
+    return sum(1 for _, m in pieces.model.named_modules(remove_duplicate=False) if m is mod) == 1
+
+
+def _norm_act_fields(bn):
+    """Fields for a timm norm-act module (its activation is its own ``act``)."""
+    drop = getattr(bn, "drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        return {"fuse": "", "activation": None, "note": f"its drop layer {type(drop).__name__} sits between BN "
+                "and activation: left as is"}
+    act = getattr(bn, "act", None)
+    found = _module_activation(act) if act is not None else ("identity", None)
+    if found is None:
+        return {"fuse": "", "activation": None, "note": f"activation {type(act).__name__} is not elementwise-known: "
+                "left as is"}
+    fused = _as_activation(found)
+    if fused is None and found[0] != "module":
+        return {"fuse": "", "activation": None, "note": f"no ckptnorm kernel for {found[0]}: left as is"}
+    return {"fuse": "inside", "activation": fused, "activation_module": found[1] if found[0] == "module" else None,
+            "act_in_place": getattr(act, "inplace", False) is True}
 
 
 def discover(model: nn.Module, example_inputs=None):
-    """(GraphModule or None, sites): the traced graph the sites' node names refer to, None for the fallback."""
+    """(Pieces, sites) of ``model``; with ``example_inputs``, each site knows its input shape and dtype."""
+    pieces = Pieces(model)
+    shapes = _input_shapes(model, example_inputs) if example_inputs is not None else {}
+    sites, seen, failed = [], set(), {}
+    for name, bn in model.named_modules():
+        kind = bn_kind(bn)
+        if kind is None or id(bn) in seen:
+            continue
+        seen.add(id(bn))
+        fields = {"kind": kind, "owner": None, "calls": 0, "activation": IDENTITY}
+        calls = pieces.calls(bn)
+        fields["calls"] = len(calls)
+        untraced = pieces.untraced_parent(bn)
+        for p in pieces.untraced_above(bn):
+            failed.setdefault(p.name or type(p.module).__name__, (name, p.error))
+        out_node = owner_piece = None
+        if kind == "frozen":
+            fields.update(activation=None, note="frozen BatchNorm (fixed statistics): left as is")
+        elif len(calls) == 1 and not untraced:  # fusing changes every call: all must be known (rule 2)
+            owner_piece, node = calls[0]
+            fields.update(owner=owner_piece.name, bn_node=node.name)
+            if kind == "norm_act":
+                fields.update(_norm_act_fields(bn))
+                out_node = node
+            else:
+                more, out_node = _fusion(pieces, owner_piece, node)
+                fields.update(more)
+            inp = node.args[0] if node.args else None
+            if isinstance(inp, fx.Node) and inp.op not in ("placeholder", "get_attr"):
+                fields["input_has_other_readers"] = len(inp.users) > 1 or not _fresh_node(inp, owner_piece, pieces)
+        elif kind == "norm_act":
+            fields.update(_norm_act_fields(bn))
+        fields["traced"] = bool(calls) and not untraced
+        outputs = [(owner_piece, out_node)] if owner_piece is not None else calls
+        if outputs and not untraced:
+            fields["in_place_writer"] = next((w for w in (pieces.in_place_writer(p, n) for p, n in outputs) if w), "")
+            fields["output_kept"] = any(pieces.kept_by_consumers(p, n) for p, n in outputs)
+        else:
+            fields["in_place_writer"] = f"its callers are not all traced ({untraced or 'no traced code calls it'})"
+        shape, dtype = shapes.get(id(bn), (None, None))
+        sites.append(Site(name, type(bn), channels=bn.num_features, input_shape=shape, input_dtype=dtype,
+                          gamma_range=_gamma_range(bn), **fields))
+    if failed:
+        names = list(failed)[:3]
+        where = "; ".join(f"{failed[n][1]}" for n in names)
+        warnings.warn(f"ckptnorm: torch.fx tracing of {', '.join(names)} failed ({where}), so what happens there to "
+                      f"the outputs of the sites below it (e.g. {failed[names[0]][0]}) is unknown: they are never "
+                      "given a strategy that keeps their output; tip: make that forward traceable (no "
+                      "data-dependent control flow), see ckptnorm_report", SiteDiscoveryWarning, stacklevel=3)
+    return pieces, sites
+
+
+def _input_shapes(model, example_inputs):
+    """id(BN module) -> (input shape, dtype), from one eval-mode forward without grad (state untouched)."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    found, handles = {}, []
+    for m in model.modules():
+        if bn_kind(m) is not None:
+            def record(mod, args, key=id(m)):
+                if args and isinstance(args[0], torch.Tensor):
+                    found.setdefault(key, (tuple(args[0].shape), args[0].dtype))
+            handles.append(m.register_forward_pre_hook(record))
+    modes = {m: m.training for m in model.modules()}
     try:
-        gm = trace(model)
-    except Exception as exc:  # noqa: BLE001 -- any tracing failure means: use the fallback
-        warnings.warn(f"ckptnorm: torch.fx tracing of {type(model).__name__} failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''}); fell back to BatchNorm + activation "
-                      "children of nn.Sequential containers, so sites elsewhere are not found; tip: make the "
-                      "model traceable (no data-dependent control flow) to find all sites",
-                      SiteDiscoveryWarning, stacklevel=3)
-        return None, sequential_sites(model)
-    if example_inputs is not None:
-        _shape_prop(gm, example_inputs)
-    return gm, graph_sites(gm)
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return found
 
 
 def find_sites(model: nn.Module, example_inputs=None) -> list:
-    """The BatchNorm sites of ``model`` (see the module docstring), in graph order.
+    """The BatchNorm sites of ``model`` (see the module docstring), in module order.
 
     ``example_inputs`` (a tensor or a tuple of them): when given, one eval-mode, no-grad forward fills each site's
     ``input_shape`` (running statistics are not changed).  The model itself is not modified.

@@ -1,0 +1,447 @@
+"""Graph work for ``convert``: one torch.fx graph per module ("piece"), and what the graphs tell about a tensor.
+
+A model is read piece by piece: each module whose forward ckptnorm may need to understand is traced on its own,
+with every submodule it calls kept as a leaf, so the graph of a piece shows exactly the code of that one
+``forward``.  Rules:
+
+ 1. Tracing is lazy and cached per module object; a piece that fails to trace (data-dependent control flow, ...) is
+    recorded with the reason, and nothing is concluded about the tensors it handles.
+ 2. A module is *called* where a traced piece has a ``call_module`` node resolving to it.  A module held by a piece
+    that failed to trace may be called there too, so its calls are complete only when every module holding it
+    traced (``Pieces.untraced_parent``).  Assumed: code calls the modules it holds, not its children's children
+    (``self.block.relu(x)`` from a forward that fails to trace would go unseen).
+ 3. A piece may be *rewritten* (its forward replaced by code generated from its graph) only when its graphs traced in
+    training and in eval mode are the same code and its forward has no optional arguments (a default such as
+    ``mask=None`` is a Proxy while tracing, so ``if mask is not None`` would be frozen into the graph).
+ 4. Aliases of a tensor are the tensor, its views, and what leaf modules hand back unchanged (Identity, Dropout);
+    a value returned by a piece continues at that piece's call nodes in its callers (rule 2 decides whether all
+    of them are known).
+
+``in_place_writer`` and ``kept_by_consumers`` answer, from these rules, whether an op may modify a layer's output
+in place after the layer (which breaks a strategy that keeps that output), and whether the layer's consumers keep
+the output for their backward (what the original model pays for it, used to predict the saving).
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .modules import _BatchNormAct
+
+__all__ = ["Pieces", "RewrittenForward", "bn_kind"]
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def bn_kind(mod) -> str | None:
+    """What kind of BatchNorm ``mod`` is, for conversion: "bn" (plain), "sync_bn" (``nn.SyncBatchNorm``),
+    "norm_act" (timm's ``BatchNormAct2d`` / ``SyncBatchNormAct``: BN, ``drop`` and ``act`` in one module), "frozen"
+    (fixed statistics and affine terms, no training state: left as is), or None.  Checked by exact type: a subclass
+    with its own forward is not assumed to compute BatchNorm."""
+    t = type(mod)
+    if t in BN_TYPES:
+        return "bn"
+    if t is nn.SyncBatchNorm:
+        return "sync_bn"
+    lib = t.__module__.split(".")[0]
+    if lib == "timm" and t.__name__ in ("BatchNormAct2d", "SyncBatchNormAct"):
+        return "norm_act"
+    if lib in ("timm", "torchvision") and t.__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d"):
+        return "frozen"
+    return None
+
+
+def _is_leaf_type(mod) -> bool:
+    """Modules never traced as pieces: BatchNorm kinds, ckptnorm layers, and torch.nn's own layers."""
+    if bn_kind(mod) is not None or isinstance(mod, _BatchNormAct):
+        return True
+    if isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+        return True
+    return type(mod).__module__.startswith("torch.nn") and not isinstance(mod, nn.Sequential)
+
+
+class _InPlaceProxy(fx.Proxy):
+    """fx's Proxy has no in-place operators, so ``out += r`` would be recorded as ``out = out + r``: the graph would
+    hide that the tensor is modified, and a rewritten forward would no longer modify it.  Record them as such."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other):
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other):
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other):
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+
+class _OneLevelTracer(fx.Tracer):
+    """Traces one forward: every module it calls is a leaf; in-place operators are kept (``_InPlaceProxy``)."""
+
+    def is_leaf_module(self, m, qualname):
+        return True
+
+    def proxy(self, node):
+        return _InPlaceProxy(node, self)
+
+
+class Piece:
+    """One module's forward as an fx graph (``graph`` None and ``error`` set when tracing failed)."""
+
+    def __init__(self, name, module):
+        self.name, self.module = name, module
+        self.graph, self.error = None, ""
+        try:
+            self.graph = _trace(module)
+        except Exception as exc:  # noqa: BLE001 -- any tracing failure means: no conclusions from this piece
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            self.error = f"{type(exc).__name__}: {first}"[:200]
+        self._rewritable = None
+
+    def submodule(self, target):
+        return self.module.get_submodule(target)
+
+    def qualname(self, target) -> str:
+        return f"{self.name}.{target}" if self.name else target
+
+    def rewritable(self) -> str:
+        """"" when this piece may be rewritten (rule 3), else why not."""
+        if self._rewritable is None:
+            self._rewritable = self._check_rewritable()
+        return self._rewritable
+
+    def _check_rewritable(self) -> str:
+        if self.graph is None:
+            return f"its forward could not be traced ({self.error})"
+        try:
+            params = list(inspect.signature(self.module.forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        optional = [p.name for p in params if p.default is not inspect.Parameter.empty
+                    or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if optional:
+            return f"its forward has optional arguments ({', '.join(optional)})"
+        codes = []
+        for mode in (True, False):
+            saved = {m: m.training for m in self.module.modules()}
+            try:
+                self.module.train(mode)
+                codes.append(_trace(self.module).python_code("self").src)
+            except Exception as exc:  # noqa: BLE001
+                return f"its forward could not be traced in {'training' if mode else 'eval'} mode ({exc})"
+            finally:
+                for m, was in saved.items():
+                    m.training = was
+        if codes[0] != codes[1]:
+            return "its forward differs between training and eval mode"
+        return ""
+
+
+def _trace(module) -> fx.Graph:
+    return _OneLevelTracer().trace(module)
+
+
+class Pieces:
+    """The pieces of one model, traced on demand, and where each module is called (rule 2)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = {}      # id(module) -> first qualified name
+        self.parents = {}    # id(module) -> ids of modules holding it as a child
+        for name, mod in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(id(mod), name)
+            for child in mod._modules.values():
+                if child is not None:
+                    self.parents.setdefault(id(child), set()).add(id(mod))
+        self.by_id = {id(m): m for _, m in model.named_modules(remove_duplicate=False)}
+        self._pieces = {}
+        self._calls = None
+
+    def piece(self, module) -> Piece | None:
+        """The piece of ``module`` (None for leaf types, which are never traced)."""
+        if _is_leaf_type(module):
+            return None
+        key = id(module)
+        if key not in self._pieces:
+            self._pieces[key] = Piece(self.names.get(key, "?"), module)
+        return self._pieces[key]
+
+    def all_pieces(self):
+        return [p for p in (self.piece(m) for m in self.by_id.values()) if p is not None]
+
+    def calls(self, module) -> list:
+        """[(piece, node)] for every traced call of ``module``."""
+        if self._calls is None:
+            self._calls = {}
+            for p in self.all_pieces():
+                if p.graph is None:
+                    continue
+                for n in p.graph.nodes:
+                    if n.op == "call_module":
+                        try:
+                            target = p.submodule(n.target)
+                        except AttributeError:
+                            continue
+                        self._calls.setdefault(id(target), []).append((p, n))
+        return self._calls.get(id(module), [])
+
+    def untraced_parent(self, module) -> str:
+        """The name of a module holding ``module`` whose forward failed to trace ("" if none): its calls of
+        ``module`` are unseen (rule 2)."""
+        for key in self.parents.get(id(module), ()):
+            p = self.piece(self.by_id[key])
+            if p is not None and p.graph is None:
+                return p.name or type(p.module).__name__
+        return ""
+
+    def untraced_above(self, module) -> list:
+        """Pieces above ``module`` (at any depth) that failed to trace."""
+        seen, todo, found = set(), list(self.parents.get(id(module), ())), []
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            p = self.piece(self.by_id[key])
+            if p is not None and p.graph is None:
+                found.append(p)
+            todo.extend(self.parents.get(key, ()))
+        return found
+
+    # -- what happens to a tensor after it is produced (rule 4) ----------------------------------------------------
+    def consumers(self, piece, node, depth=0):
+        """Yield (piece, user, read) for every op ``user`` reading ``node`` or one of its aliases (``read``: the node
+        it reads), following aliases through views, pass-through leaves and piece outputs.  Yields
+        (piece, None, None) where the trail is lost."""
+        if depth > 16:
+            yield piece, None, None
+            return
+        for user in list(node.users):
+            if user.op == "output":
+                if user.args[0] is not node:  # returned inside a tuple/dict: not followed
+                    yield piece, None, None
+                    continue
+                if piece.module is self.model:
+                    continue  # the model's own output: the caller's business
+                if self.untraced_parent(piece.module):
+                    yield piece, None, None
+                for caller, call in self.calls(piece.module):
+                    yield from self.consumers(caller, call, depth + 1)
+                continue
+            yield piece, user, node
+            if _is_alias(piece, user, node):
+                yield from self.consumers(piece, user, depth + 1)
+            elif user.op == "call_module":
+                child = self.piece(_target(piece, user))
+                if child is not None and child.graph is not None and _returns_input(child.graph, user, node):
+                    yield from self.consumers(piece, user, depth + 1)
+
+    def in_place_writer(self, piece, node, exempt=None) -> str:
+        """Why an op may write ``node``'s value in place after it is produced ("" when none can).  ``exempt``: a
+        node allowed to (the activation fused into the layer)."""
+        for p, user, read in self.consumers(piece, node):
+            if user is None:
+                return f"its output reaches code that was not traced ({p.name or 'the model'})"
+            if user is exempt:
+                continue
+            what = _in_place(p, user)
+            if what:
+                return f"{what} modifies its output in place"
+            if user.op == "call_module":
+                child = self.piece(_target(p, user))
+                if child is not None:
+                    if child.graph is None:
+                        return f"its output is passed to {p.qualname(user.target)}, which could not be traced"
+                    idx = _arg_index(user, read)
+                    ph = [n for n in child.graph.nodes if n.op == "placeholder"]
+                    if idx is None or idx >= len(ph):
+                        return f"its output is passed to {p.qualname(user.target)} in a way not followed"
+                    inner = self.in_place_writer(child, ph[idx])
+                    if inner:
+                        return inner
+        return ""
+
+    def kept_by_consumers(self, piece, node) -> bool:
+        """Whether some op reading ``node`` (or an alias) keeps it for its backward (unknown ops: assumed to)."""
+        for p, user, read in self.consumers(piece, node):
+            if user is None:
+                return True
+            child = self.piece(_target(p, user)) if user.op == "call_module" else None
+            if child is not None:  # a traced piece: what its own ops keep of that argument
+                idx = _arg_index(user, read)
+                ph = [n for n in child.graph.nodes if n.op == "placeholder"] if child.graph is not None else []
+                if idx is None or idx >= len(ph) or self.kept_by_consumers(child, ph[idx]):
+                    return True
+            elif _keeps_input(p, user):
+                return True
+        return False
+
+
+# -- node classification ------------------------------------------------------------------------------------------
+_VIEW_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "transpose", "permute", "squeeze",
+                 "unsqueeze", "expand", "expand_as", "narrow", "unflatten", "contiguous", "chunk", "split",
+                 "unbind", "t", "__getitem__", "detach"}
+_VIEW_FUNCTIONS = {torch.flatten, torch.reshape, torch.transpose, torch.permute, torch.squeeze, torch.unsqueeze,
+                   torch.narrow, torch.chunk, torch.split, torch.unbind, operator.getitem, torch.t}
+_PASS_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Flatten,
+                 nn.Unflatten)
+_IN_PLACE_OPS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ior, operator.iand,
+                 torch.relu_, torch.sigmoid_, torch.tanh_}
+
+
+def _target(piece, node):
+    try:
+        return piece.submodule(node.target)
+    except AttributeError:
+        return None
+
+
+def _arg_index(user, node):
+    for i, a in enumerate(user.args):
+        if a is node:
+            return i
+    return None
+
+
+def _is_alias(piece, user, node) -> bool:
+    """``user`` returns ``node``'s memory (a view, or an unchanged pass-through)."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_method":
+        return user.target in _VIEW_METHODS or user.target.endswith("_")
+    if user.op == "call_function":
+        return user.target in _VIEW_FUNCTIONS or user.target in _IN_PLACE_OPS or user.kwargs.get("inplace") is True
+    if user.op == "call_module":
+        mod = _target(piece, user)
+        return isinstance(mod, _PASS_MODULES) or getattr(mod, "inplace", False) is True
+    return False
+
+
+def _returns_input(graph, call, node) -> bool:
+    """A traced child piece whose output is (an alias of) the placeholder that ``node`` is passed as."""
+    idx = _arg_index(call, node)
+    ph = [n for n in graph.nodes if n.op == "placeholder"]
+    if idx is None or idx >= len(ph):
+        return True  # not followed: assume it may return it
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    seen, todo = set(), [ph[idx]]
+    while todo:
+        n = todo.pop()
+        if n is out:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(u for u in n.users if u.op != "output" and u.args and u.args[0] is n
+                    and (u.op in ("call_method", "call_function") and (
+                        u.target in _VIEW_METHODS or u.target in _VIEW_FUNCTIONS or u.target in _IN_PLACE_OPS
+                        or (isinstance(u.target, str) and u.target.endswith("_")))))
+    return False
+
+
+def _in_place(piece, user) -> str:
+    """A description of ``user`` when it writes its first argument in place, else ""."""
+    if user.op == "call_function":
+        if user.target in _IN_PLACE_OPS or user.kwargs.get("inplace") is True:
+            return f"{getattr(user.target, '__name__', user.target)}"
+        if user.target in _INPLACE_POSITIONAL and len(user.args) > _INPLACE_POSITIONAL[user.target] \
+                and user.args[_INPLACE_POSITIONAL[user.target]] is True:
+            return f"{user.target.__name__}(inplace=True)"
+        name = getattr(user.target, "__name__", "")
+        if name.endswith("_") and not name.startswith("_"):
+            return name
+    elif user.op == "call_method":
+        if user.target.endswith("_") and not user.target.startswith("_"):
+            return f".{user.target}()"
+    elif user.op == "call_module":
+        mod = _target(piece, user)
+        if getattr(mod, "inplace", False) is True:
+            return f"{piece.qualname(user.target)} ({type(mod).__name__}(inplace=True))"
+    return ""
+
+
+# F.relu(x, True) style: position of the inplace flag
+_INPLACE_POSITIONAL = {F.relu: 1, F.relu6: 1, F.leaky_relu: 2, F.elu: 2, F.celu: 2, F.selu: 1, F.silu: 1,
+                       F.hardswish: 1, F.hardsigmoid: 1, F.mish: 1, F.hardtanh: 3, F.dropout: 3}
+
+# Ops whose backward does not need their (tensor) input: what they read is not kept because of them.
+_FREE_FUNCTIONS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, torch.cat,
+                   torch.stack, torch.flatten, torch.reshape, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.dropout, F.pad,
+                   operator.getitem, torch.chunk, torch.split, operator.neg}
+_FREE_METHODS = {"add", "add_", "sub", "sub_", "view", "reshape", "flatten", "contiguous", "size", "dim",
+                 "chunk", "split", "permute", "transpose", "unsqueeze", "squeeze", "expand", "__getitem__",
+                 "mean", "sum"}
+_FREE_MODULES = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Upsample,
+                 nn.ZeroPad2d, nn.ConstantPad2d)
+
+
+def _keeps_input(piece, user) -> bool:
+    if user.op == "call_function":
+        if user.target in (operator.mul, torch.mul, operator.truediv, torch.div):
+            return any(isinstance(a, fx.Node) for a in user.args[1:])  # times a tensor keeps both
+        if user.target is F.interpolate:
+            return False
+        return user.target not in _FREE_FUNCTIONS
+    if user.op == "call_method":
+        if user.target in ("mul", "mul_", "div", "div_"):
+            return any(isinstance(a, fx.Node) for a in user.args[1:])
+        return user.target not in _FREE_METHODS
+    if user.op == "call_module":
+        mod = _target(piece, user)
+        if isinstance(mod, _FREE_MODULES):
+            return False
+        # these keep their result, not their input (an in-place one is flagged by in_place_writer first)
+        return not (isinstance(mod, (nn.ReLU, nn.Sigmoid, nn.Tanh)) and not getattr(mod, "inplace", False))
+    return True
+
+
+class RewrittenForward:
+    """The forward of a rewritten piece (rule 3): code generated from its edited graph, bound to the module.
+
+    Stored as the module's instance attribute ``forward``, so the module keeps its class, methods and attributes.
+    Deep copies share the code; pickling keeps the generated source and recompiles it.
+    """
+
+    def __init__(self, module, graph: fx.Graph):
+        self.module = module
+        code = graph.python_code("self")
+        self.source, self.globals = code.src, code.globals
+        self._compile()
+
+    def _compile(self):
+        scope = dict(self.globals)
+        exec(compile(self.source, f"<ckptnorm rewritten {type(self.module).__name__}.forward>", "exec"), scope)
+        self.function = types.MethodType(scope["forward"], self.module)
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        import copy
+        new = RewrittenForward.__new__(RewrittenForward)
+        new.module = copy.deepcopy(self.module, memo)
+        new.source, new.globals = self.source, self.globals
+        new.function = types.MethodType(self.function.__func__, new.module)
+        return new
+
+    def __getstate__(self):
+        # modules (torch, operator, ...) do not pickle: keep their names and import them again
+        names = {k: ("module", v.__name__) for k, v in self.globals.items() if isinstance(v, types.ModuleType)}
+        rest = {k: v for k, v in self.globals.items() if k not in names}
+        return {"module": self.module, "source": self.source, "globals": rest, "modules": names}
+
+    def __setstate__(self, state):
+        import importlib
+        modules = state.pop("modules", {})
+        self.__dict__.update(state)
+        self.globals = dict(self.globals, **{k: importlib.import_module(n) for k, (_, n) in modules.items()})
+        self._compile()
