@@ -615,3 +615,22 @@ def test_predicted_saving_matches_measured_bytes():
     measured = saved(model) - saved(conv)
     predicted = conv.ckptnorm_report.predicted_saved_bytes
     assert measured > 0 and abs(predicted - measured) <= 0.05 * measured
+
+
+def test_rewritten_model_converts_again():
+    model = make(PostActResNet)
+    first = convert(model, {"layer1.0.bn1": "efficient_checkpoint"})  # rewrites layer1.0 for one site
+    assert first.ckptnorm_report.rewritten == ("layer1.0",)
+    again = convert(first, "checkpoint")  # reads layer1.0's rewritten forward, not its class's
+    assert again.get_submodule("layer1.0.bn1").strategy == "efficient_checkpoint"
+    assert again.get_submodule("layer1.0.bn2").strategy == "checkpoint"
+    assert again.get_submodule("layer1.0.bn3").activation == "relu"  # residual site fused the second time
+    _grads_equal(model, again, torch.randn(2, 3, 5, 5, dtype=torch.float64))
+
+
+def test_patched_instance_forward_is_not_traced():
+    model = make(PostActResNet)
+    block = model.layer1[0]
+    block.forward = lambda x, _f=type(block).forward, _b=block: _f(_b, x)  # e.g. a library's wrapper
+    d = decisions(convert(model, "efficient_checkpoint"))
+    assert "replaced on the instance" in d["layer1.0.bn1"].reason

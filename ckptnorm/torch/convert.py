@@ -165,6 +165,8 @@ def _decide(site, requested, inplace, strict):
     elif site.unfused:
         why = site.rewrite_blocked or "no ckptnorm kernel for it"
         notes.append(f"{site.unfused} after the BN is not fused ({why})")
+    if not site.traced and site.rewrite_blocked:
+        notes.append(f"no activation fused: {site.rewrite_blocked}")
     if site.calls > 1:
         notes.append(f"BN module called {site.calls} times: converted without fusing an activation")
     if requested is None:

@@ -121,7 +121,8 @@ class Piece:
         if self.graph is None:
             return f"its forward could not be traced ({self.error})"
         try:
-            params = list(inspect.signature(self.module.forward).parameters.values())
+            fwd = self.module.forward
+            params = list(inspect.signature(getattr(fwd, "function", fwd)).parameters.values())
         except (TypeError, ValueError):
             params = []
         optional = [p.name for p in params if p.default is not inspect.Parameter.empty
@@ -145,6 +146,14 @@ class Piece:
 
 
 def _trace(module) -> fx.Graph:
+    # fx traces the class's forward: a forward replaced on the instance must be read from what replaced it
+    instance_forward = vars(module).get("forward")
+    if isinstance(instance_forward, RewrittenForward) and instance_forward.graph is not None:
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(instance_forward.graph, {}))
+        return graph
+    if instance_forward is not None:
+        raise TypeError("its forward is replaced on the instance, and fx would trace the class's forward instead")
     return _OneLevelTracer().trace(module)
 
 
@@ -412,7 +421,7 @@ class RewrittenForward:
     """
 
     def __init__(self, module, graph: fx.Graph):
-        self.module = module
+        self.module, self.graph = module, graph  # the graph: for converting the converted model again
         code = graph.python_code("self")
         self.source, self.globals = code.src, code.globals
         self._compile()
@@ -429,7 +438,7 @@ class RewrittenForward:
         import copy
         new = RewrittenForward.__new__(RewrittenForward)
         new.module = copy.deepcopy(self.module, memo)
-        new.source, new.globals = self.source, self.globals
+        new.source, new.globals, new.graph = self.source, self.globals, self.graph
         new.function = types.MethodType(self.function.__func__, new.module)
         return new
 
@@ -443,5 +452,6 @@ class RewrittenForward:
         import importlib
         modules = state.pop("modules", {})
         self.__dict__.update(state)
+        self.graph = None  # not pickled: such a module is not rewritten again (its forward is not traced)
         self.globals = dict(self.globals, **{k: importlib.import_module(n) for k, (_, n) in modules.items()})
         self._compile()

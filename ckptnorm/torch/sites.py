@@ -368,6 +368,8 @@ def discover(model: nn.Module, example_inputs=None):
         untraced = pieces.untraced_parent(bn)
         for p in pieces.untraced_above(bn):
             failed.setdefault(p.name or type(p.module).__name__, (name, p.error))
+        if untraced:
+            fields["rewrite_blocked"] = f"{untraced} could not be traced ({failed[untraced][1]})"
         out_node = owner_piece = None
         if kind == "frozen":
             fields.update(activation=None, note="frozen BatchNorm (fixed statistics): left as is")
