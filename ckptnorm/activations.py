@@ -112,6 +112,8 @@ class Activation:
     @property
     def derivative_at_zero(self) -> float:
         """phi'(0) as PyTorch takes it (relu 0, leaky_relu a, elu a, ...)."""
+        if self.linear_slope is not None:  # per kernel call in the CPU backend: no array work for these
+            return 0.0 if self.name == "relu" else (self.param if self.name == "leaky_relu" else 1.0)
         return float(self.derivative(np.zeros(1))[0])
 
     @property

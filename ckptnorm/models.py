@@ -131,7 +131,7 @@ def _classes():
     return PreActBlock, PreActResNet
 
 
-def preact_resnet(depth=14, width=16, num_classes=10, activation="leaky_relu", activation_param=0.01):
+def preact_resnet(depth=14, width=16, num_classes=10, activation="leaky_relu", activation_param=None):
     """A pre-activation ResNet for 3-channel images of any size >= 4x4: ``depth = 6n + 2`` (3 stages of n basic
     blocks of 2 convs each, plus stem and classifier), stage widths ``width``, ``2 width``, ``4 width``.
 
@@ -154,7 +154,7 @@ def _check_args(model, depth, width, activation):
                          f"{activation!r}; tip: use 'leaky_relu'")
 
 
-def postact_resnet(depth=14, width=16, num_classes=10, activation="leaky_relu", activation_param=0.01):
+def postact_resnet(depth=14, width=16, num_classes=10, activation="leaky_relu", activation_param=None):
     """The post-activation twin of ``preact_resnet`` (same depths, widths and arguments): every block ends with a
     residual site ``BN -> add -> act``."""
     _check_args("postact_resnet", depth, width, activation)

@@ -175,7 +175,8 @@ class Strategy:
         if self.requires_invertible and not act.invertible:
             raise ValueError(
                 f"ckptnorm: strategy {self.name!r} needs an invertible activation, got {act.describe()}; tip: use "
-                "identity, leaky_relu with slope > 0 or elu with alpha > 0, or strategy='efficient_checkpoint'")
+                "identity, leaky_relu with slope > 0, elu or celu with alpha > 0, or selu; or "
+                "strategy='efficient_checkpoint'")
 
     def plan(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var, residual=None,
              reducer=None):

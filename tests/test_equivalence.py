@@ -27,6 +27,11 @@ from ckptnorm.torch import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
 STRATEGIES = ["standard", "checkpoint", "efficient_checkpoint", "inplace_abn"]
 ACTIVATIONS = [("identity", None), ("leaky_relu", 0.01), ("elu", 1.0), ("relu", None), ("silu", None), ("gelu", None)]
+# The activations of real models beyond those: every strategy they admit, on a smaller grid (the kernels' options --
+# layouts, modes, affine, running statistics -- do not depend on the activation, and the full grid has 160 cases per
+# (strategy, activation)).  celu also at alpha 0.5 (its exponential runs in units of alpha).
+MORE_ACTIVATIONS = [("relu6", None), ("hardswish", None), ("hardsigmoid", None), ("mish", None), ("gelu_tanh", None),
+                    ("selu", None), ("celu", 1.0), ("celu", 0.5), ("tanh", None), ("sigmoid", None)]
 LAYOUTS = {  # name: (shape, module class, memory format)
     "nchw": ((2, 5, 6, 7), BatchNormAct2d, torch.contiguous_format),
     "channels_last": ((4, 5, 12, 12), BatchNormAct2d, torch.channels_last),  # 576 rows: several reduction chunks
@@ -49,12 +54,16 @@ def rel_err(a, ref):
 
 
 def native_activation(y, name, param):
+    """PyTorch's own op, out of place (what the standard strategy's in-place variants must equal)."""
     return {"identity": lambda: y, "leaky_relu": lambda: F.leaky_relu(y, param), "elu": lambda: F.elu(y, param),
-            "relu": lambda: F.relu(y), "silu": lambda: F.silu(y), "gelu": lambda: F.gelu(y)}[name]()
+            "relu": lambda: F.relu(y), "silu": lambda: F.silu(y), "gelu": lambda: F.gelu(y),
+            "relu6": lambda: F.relu6(y), "hardswish": lambda: F.hardswish(y), "hardsigmoid": lambda: F.hardsigmoid(y),
+            "mish": lambda: F.mish(y), "gelu_tanh": lambda: F.gelu(y, approximate="tanh"), "selu": lambda: F.selu(y),
+            "celu": lambda: F.celu(y, param), "tanh": lambda: torch.tanh(y), "sigmoid": lambda: torch.sigmoid(y)}[name]()
 
 
-def valid_cases():
-    for strategy, (act, param) in itertools.product(STRATEGIES, ACTIVATIONS):
+def valid_cases(activations=ACTIVATIONS):
+    for strategy, (act, param) in itertools.product(STRATEGIES, activations):
         if get_strategy(strategy).requires_invertible and not get_activation(act, param).invertible:
             continue
         yield strategy, act, param
@@ -99,6 +108,20 @@ def native_module(cls, channels, kwargs, act, param):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.filterwarnings("ignore::ckptnorm.PrecisionFallbackWarning")
 def test_equivalence(strategy, act, param, dtype, layout, training, affine, track, momentum, device):
+    check_equivalence(strategy, act, param, dtype, layout, training, affine, track, momentum, device)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("strategy,act,param", list(valid_cases(MORE_ACTIVATIONS)))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore::ckptnorm.PrecisionFallbackWarning")
+def test_equivalence_more_activations(strategy, act, param, dtype, layout, training, device):
+    check_equivalence(strategy, act, param, dtype, layout, training, True, True, 0.1, device)
+
+
+def check_equivalence(strategy, act, param, dtype, layout, training, affine, track, momentum, device):
     seed = zlib.crc32(f"{strategy}{act}{layout}{training}{affine}{track}".encode())
     cls, x, gamma, beta, rmean, rvar, dz = make_case(layout, dtype, affine, seed)
     channels = x.shape[1]
@@ -175,6 +198,16 @@ def test_gradcheck_float64(strategy, act, param, training):
                               act, param, strategy)
 
     assert torch.autograd.gradcheck(fn, (x, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# gradcheck costs ~4 s a case and checks the autograd wiring, which the activation does not change (the float64
+# equivalence above checks each one's derivative to 1e-10): the new inverse paths (selu, celu with inplace_abn) and
+# one kinked activation.
+@pytest.mark.filterwarnings("ignore::ckptnorm.PrecisionFallbackWarning")
+@pytest.mark.parametrize("act,param", [("hardswish", None), ("selu", None), ("celu", 0.5)])
+def test_gradcheck_float64_more_activations(act, param):
+    strategy = "inplace_abn" if get_activation(act, param).invertible else "efficient_checkpoint"
+    test_gradcheck_float64(strategy, act, param, training=True)
 
 
 def test_fp32_error_ratios_table(capsys):

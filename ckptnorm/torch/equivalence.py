@@ -24,6 +24,7 @@ Checking several conversions of one model: ``ref = trace(original, inputs)`` run
 """
 from __future__ import annotations
 
+import collections
 import copy
 import math
 from dataclasses import dataclass, field
@@ -120,7 +121,11 @@ def _run(model, xs, steps, seed, lr, state=None):
     if state is not None:
         m.load_state_dict(state, strict=True)
     keys = list(m.state_dict())
-    start = {k: v.detach().clone() for k, v in m.state_dict().items()} if state is None else state
+    start = state
+    if state is None:  # a copy that keeps the state_dict's version metadata (some modules check it on load)
+        current = m.state_dict()
+        start = collections.OrderedDict((k, v.detach().clone()) for k, v in current.items())
+        start._metadata = copy.deepcopy(getattr(current, "_metadata", {}))
     params = dict(m.named_parameters())
     names = sorted(params)
     device = next((t.device for t in xs if isinstance(t, torch.Tensor)), torch.device("cpu"))

@@ -172,7 +172,10 @@ def _native_activation(y, act):
     # In place on BN's fresh output where PyTorch's in-place variant differentiates from the result (saves keeping
     # y) and computes what the out-of-place op does.  Not in place: relu6 (hardtanh_), hardswish_, hardsigmoid_,
     # mish_ and silu_ keep a copy of their input for backward, which saves nothing and costs a copy; gelu has no
-    # in-place variant; a negative leaky slope or elu/celu alpha has no backward from the result.
+    # in-place variant; a negative leaky slope or elu alpha has no backward from the result; celu_ and selu_
+    # differentiate from the result as z + alpha (resp. z + scale*alpha), which cancels where y << 0 and in float32
+    # loses what exp(y) keeps (more than twice PyTorch's out-of-place error), and nn.CELU, nn.SELU are out of place
+    # by default.  elu stays in place as before (the baseline's saved bytes).
     name, a = act.name, act.param
     if name == "identity":
         return y
@@ -181,12 +184,9 @@ def _native_activation(y, act):
     if name == "elu":
         return F.elu(y, a, inplace=a > 0)
     if name == "celu":
-        # PyTorch's celu backward takes 1 / float32(alpha) as its inner scale, its celu_ backward from the result
-        # computes (z + alpha) / float32(alpha): the two agree only when alpha is a float32 value
-        exact = torch.tensor(a, dtype=torch.float32).item() == a
-        return F.celu(y, a, inplace=a > 0 and exact)
+        return F.celu(y, a)
     if name == "selu":
-        return F.selu(y, inplace=True)
+        return F.selu(y)
     if name == "relu":
         return F.relu(y, inplace=True)
     if name == "relu6":

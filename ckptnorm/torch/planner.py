@@ -240,9 +240,14 @@ def _set_module(root, qualname, module):
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
+class _NotSwappable(Exception):
+    """A swapped-in layer did not run: the converted forward does not look its layers up by name."""
+
+
 def _swap_copies(model, names, site_names, inplace):
     """``{name: convert(model, {"*": name})}`` for the baseline and each strategy, or None where their module trees
-    differ or a site is not a module of every copy (then candidates are converted one by one)."""
+    differ or a site is not a module of every copy (then candidates are converted one by one).  A site where
+    ``convert`` falls back from a strategy gets, in that strategy's copy, the layer ``Plan.apply`` would give it."""
     copies = {n: convert(model, {"*": n}, inplace=inplace).train() for n in names}
     tree = [q for q, _ in copies[BASELINE].named_modules()]
     for c in copies.values():
@@ -261,9 +266,17 @@ def _measure_swapping(copies, sites, alts_of, inputs, repeats):
     median times, measured on the baseline copy with one site's layer swapped at a time."""
     base = copies[BASELINE]
 
-    def counted(m):
-        counter = SavedTensorsCounter(exclude=[m, *inputs])
-        _step(m, inputs, counter)
+    def counted(m, layer=None):
+        ran = []
+        handle = None if layer is None else layer.register_forward_pre_hook(lambda *_: ran.append(True))
+        try:
+            counter = SavedTensorsCounter(exclude=[m, *inputs])
+            _step(m, inputs, counter)
+        finally:
+            if handle is not None:
+                handle.remove()
+        if layer is not None and not ran:
+            raise _NotSwappable()
         return counter.saved_bytes
 
     baseline_bytes = counted(base)
@@ -280,8 +293,11 @@ def _measure_swapping(copies, sites, alts_of, inputs, repeats):
             return setup
         setups = [setter(layer) for layer in layers]
         nbytes = []
-        for setup in setups[1:]:
-            nbytes.append(counted(setup()))  # also the candidate's warm-up
+        try:
+            for setup, layer in zip(setups[1:], layers[1:]):
+                nbytes.append(counted(setup(), layer))  # also the candidate's warm-up
+        finally:
+            _set_module(base, site.name, own)
         medians = _timed_rounds([base] * len(layers), inputs, repeats, setups)
         _set_module(base, site.name, own)
         baseline_times.append(medians[0])
@@ -332,8 +348,13 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
     sites = [s for s in find_sites(model) if s.calls == 1]
 
     def valid(site, name):
+        """Whether ``name`` may apply at ``site`` (the activation check; ``convert``'s report has the last word)."""
+        strat = get_strategy(name)
+        act = getattr(site, "activation", None)
+        if act is None:  # an activation module without a kernel: not invertible
+            return not getattr(strat, "requires_invertible", False)
         try:
-            get_strategy(name).check_activation(site.activation)
+            strat.check_activation(act)
         except ValueError:
             return False
         return True
@@ -342,11 +363,15 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
         return [n for n in names if n != BASELINE and valid(site, n)]
 
     copies = _swap_copies(model, names, [s.name for s in sites], inplace) if sites else None
+    candidates = None
     if copies is not None:
         baseline = copies[BASELINE]
-        candidates, baseline_bytes, baseline_times = _measure_swapping(copies, sites, alts_of, inputs, repeats)
+        try:
+            candidates, baseline_bytes, baseline_times = _measure_swapping(copies, sites, alts_of, inputs, repeats)
+        except _NotSwappable:
+            candidates = None
         del copies
-    else:
+    if candidates is None:
         baseline, baseline_bytes = _prepare(model, {"*": BASELINE}, inputs, inplace)
         baseline_times = []
         candidates = {}

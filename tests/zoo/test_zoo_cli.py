@@ -15,10 +15,10 @@ def _run(capsys, *args):
 def test_compare_timm_model(capsys, tmp_path):
     require("timm")
     path = tmp_path / "out.json"
-    code, out = _run(capsys, "compare", "--model", "timm:mobilenetv3_small_050", "--input", "2x3x64x64",
+    code, out = _run(capsys, "compare", "--model", "timm:mobilenetv3_small_050", "--input", "2x3x32x32",
                      "--repeats", "1", "--no-progress", "--json", str(path))
     assert code == 0
-    assert out.out.startswith("model timm:mobilenetv3_small_050, input 2x3x64x64 float32")
+    assert out.out.startswith("model timm:mobilenetv3_small_050, input 2x3x32x32 float32")
     rows = [r["name"] for r in json.loads(path.read_text())["rows"]]
     assert rows[:5] == ["original", "standard", "checkpoint", "efficient_checkpoint", "inplace_abn"]
 
@@ -39,7 +39,7 @@ def test_compare_segmentation_dict_output(capsys, tmp_path):
 def test_compare_smp_model_checkpoints_nested_blocks(capsys, tmp_path):
     require("segmentation_models_pytorch")
     path = tmp_path / "out.json"
-    code, out = _run(capsys, "compare", "--model", "smp:Unet:resnet18", "--input", "2x3x64x64", "--repeats", "1",
+    code, out = _run(capsys, "compare", "--model", "smp:Unet:resnet18", "--input", "2x3x32x32", "--repeats", "1",
                      "--no-progress", "--strategies", "inplace_abn", "--json", str(path))
     assert code == 0, out.err
     rows = {r["name"]: r for r in json.loads(path.read_text())["rows"]}
@@ -78,10 +78,10 @@ def test_bad_model_specs_are_one_line_errors(capsys, spec, message):
     assert message in err and "tip:" in err and err.count("\n") == 1, err
 
 
-def test_plan_smp_model(capsys, tmp_path):
-    require("segmentation_models_pytorch")
+def test_plan_timm_model(capsys, tmp_path):
+    require("timm")
     path = tmp_path / "plan.json"
-    code, out = _run(capsys, "plan", "--model", "smp:Linknet:resnet18", "--input", "2x3x64x64", "--budget", "0.7",
+    code, out = _run(capsys, "plan", "--model", "timm:resnet10t", "--input", "2x3x32x32", "--budget", "0.7",
                      "--repeats", "1", "--json", str(path))
     assert code == 0, out.err
     from ckptnorm.torch.planner import Plan
