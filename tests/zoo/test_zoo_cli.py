@@ -81,7 +81,7 @@ def test_bad_model_specs_are_one_line_errors(capsys, spec, message):
 def test_plan_timm_model(capsys, tmp_path):
     require("timm")
     path = tmp_path / "plan.json"
-    code, out = _run(capsys, "plan", "--model", "timm:resnet10t", "--input", "2x3x32x32", "--budget", "0.7",
+    code, out = _run(capsys, "plan", "--model", "timm:resnet10t", "--input", "2x3x32x32", "--budget", "0.8",
                      "--repeats", "1", "--json", str(path))
     assert code == 0, out.err
     from ckptnorm.torch.planner import Plan
