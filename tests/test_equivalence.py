@@ -59,7 +59,8 @@ def native_activation(y, name, param):
             "relu": lambda: F.relu(y), "silu": lambda: F.silu(y), "gelu": lambda: F.gelu(y),
             "relu6": lambda: F.relu6(y), "hardswish": lambda: F.hardswish(y), "hardsigmoid": lambda: F.hardsigmoid(y),
             "mish": lambda: F.mish(y), "gelu_tanh": lambda: F.gelu(y, approximate="tanh"), "selu": lambda: F.selu(y),
-            "celu": lambda: F.celu(y, param), "tanh": lambda: torch.tanh(y), "sigmoid": lambda: torch.sigmoid(y)}[name]()
+            "celu": lambda: F.celu(y, param), "tanh": lambda: torch.tanh(y),
+            "sigmoid": lambda: torch.sigmoid(y)}[name]()
 
 
 def valid_cases(activations=ACTIVATIONS):
