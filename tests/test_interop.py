@@ -294,6 +294,27 @@ def test_last_layer_output_kept_by_user_keeps_hooks_until_dropped():
     assert top_hooks() is None
 
 
+@pytest.mark.parametrize("strategy", RECOMPUTING)
+@pytest.mark.parametrize("tail", ["max", "amax_then_mul", "in_place_add_then_max"])
+def test_graph_freed_without_backward_when_an_op_saves_its_own_output(strategy, tail):
+    """max() keeps its own result for backward.  Passed through our hooks with its grad_fn, that result would make
+    the node own itself (a cycle through C++ that gc cannot break): a forward never backpropagated -- an eval pass
+    with grad on, a loss only printed -- would leave the graph, the registered z and the hooks alive forever."""
+    model = seq(strategy).eval()
+    x, _ = data()
+    z = model[1](model[0](x))
+    if tail == "in_place_add_then_max":
+        z += 1.0  # a modified z is kept as itself (Kept), not as a recipe
+    out = model[2](z)
+    result = out.max() if tail != "amax_then_mul" else out.amax(dim=(2, 3)) * 2
+    assert result.requires_grad and top_hooks() is not None
+    probes = {"z": weakref.ref(z), "the last conv's output": weakref.ref(out)}
+    del z, out, result
+    alive = [name for name, probe in probes.items() if probe() is not None]
+    assert not alive, f"the graph of a forward without backward was not freed: {alive} still alive"
+    assert top_hooks() is None and getattr(_recompute._thread_state, "live", 0) == 0
+
+
 # -- the output is really recomputed for its consumer -----------------------------------------------------------------
 def count_materialize(monkeypatch):
     counter = {"calls": 0}

@@ -219,7 +219,11 @@ class Kept:
     __slots__ = ("tensor", "version")
 
     def __init__(self, tensor):
-        self.tensor, self.version = tensor, tensor._version
+        # Detached (same memory and version counter), because autograd may save a node's own output: kept with its
+        # grad_fn, the node would own a reference to itself through this object, a cycle that Python's garbage
+        # collector cannot see (the graph is C++) -- the graph, our registered outputs and our hooks would never be
+        # released.  Autograd re-attaches the grad_fn when it unpacks.
+        self.tensor, self.version = tensor.detach(), tensor._version
 
     def kept_tensors(self):
         return (self.tensor,)
