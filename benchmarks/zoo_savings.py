@@ -34,6 +34,8 @@ import time
 
 import torch
 
+from ckptnorm.__main__ import parse_shape
+
 # (spec, strategy, target saving of the exact saved bytes)
 DEFAULT_MODELS = (
     ("torchvision:resnet50", "efficient_checkpoint", 0.15),
@@ -45,97 +47,6 @@ DEFAULT_MODELS = (
 )
 DEFAULT_INPUT = (4, 3, 128, 128)
 MIB = 2 ** 20
-
-
-def _shape(text):
-    try:
-        dims = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        dims = ()
-    if len(dims) != 4 or min(dims) < 1:
-        raise argparse.ArgumentTypeError(f"expected NxCxHxW (e.g. 4x3x128x128), got {text!r}")
-    return dims
-
-
-def _model_arg(text):
-    """``SPEC`` or ``SPEC=STRATEGY``; a default model's strategy and target when SPEC is one of them."""
-    spec, _, strategy = text.partition("=")
-    known = {s: (st, t) for s, st, t in DEFAULT_MODELS}
-    default_strategy, target = known.get(spec, ("efficient_checkpoint", None))
-    return spec, strategy or default_strategy, target
-
-
-def _build(spec, shape, strategy=None):
-    """(model, input, report) -- the original when ``strategy`` is None -- in train mode, seeded."""
-    from ckptnorm.torch import convert
-    from ckptnorm.torch.zoo import build_model
-    model, x = build_model(spec, shape, seed=0)
-    if strategy is None:
-        return model.train(), x, None
-    converted = convert(model, strategy, example_inputs=x)
-    return converted.train(), x, getattr(converted, "ckptnorm_report", None)
-
-
-def _step(model, x):
-    from ckptnorm.torch.zoo import training_loss
-    model.zero_grad(set_to_none=True)
-    training_loss(model(x)).backward()
-
-
-def _saved_bytes(model, x):
-    from ckptnorm.torch import SavedTensorsCounter
-    from ckptnorm.torch.zoo import training_loss
-    _step(model, x)  # warm-up: kernels, allocator, gradient buffers
-    model.zero_grad(set_to_none=True)
-    with SavedTensorsCounter(exclude=[model, x]) as counter:
-        loss = training_loss(model(x))
-    loss.backward()
-    return counter.saved_bytes
-
-
-def _time_ratio(original, converted, x, repeats):
-    times = {"original": [], "converted": []}
-    models = [("original", original), ("converted", converted)]
-    for r in range(repeats):
-        for name, m in (models if r % 2 == 0 else models[::-1]):
-            start = time.perf_counter()
-            _step(m, x)
-            times[name].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    return medians["converted"] / medians["original"], medians
-
-
-# -- RSS, in a fresh interpreter per (model, variant) ---------------------------------------------------------------
-def _rss_child(spec, variant, shape):
-    """Runs in the child: print {"held": bytes} for the original (variant "original") or the converted model."""
-    from ckptnorm.torch.compare import _malloc_trim, _rss
-    from ckptnorm.torch.zoo import training_loss
-    model, x, _ = _build(spec, shape, None if variant == "original" else variant)
-    for _ in range(2):
-        _step(model, x)
-    held = []
-    for _ in range(3):
-        model.zero_grad(set_to_none=True)
-        gc.collect()
-        _malloc_trim()
-        before = _rss()
-        loss = training_loss(model(x))   # the graph and what it keeps stay alive until backward
-        held.append(_rss() - before)
-        loss.backward()
-        del loss
-    print(json.dumps({"held": min(held)}))
-
-
-def _rss_held(spec, variant, shape, timeout=900):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, "-m", "benchmarks.zoo_savings", "--rss-child", spec, variant, "x".join(map(str, shape))]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ckptnorm: the RSS subprocess for {spec} ({variant}) failed: "
-                           f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}; "
-                           "tip: run it by hand: " + " ".join(cmd))
-    return json.loads(proc.stdout.strip().splitlines()[-1])["held"]
 
 
 # -- one model --------------------------------------------------------------------------------------------------
@@ -196,14 +107,15 @@ def table(results) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--rss-child"]:
-        _rss_child(argv[1], argv[2], _shape(argv[3]))
+        _rss_child(argv[1], argv[2], parse_shape(argv[3]))
         return 0
     parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo_savings", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", type=_model_arg, default=None, metavar="SPEC[=STRATEGY]",
                         help="models as torchvision:NAME, timm:NAME or smp:ARCH:ENCODER, optionally =STRATEGY "
                              "(default: the issue's six with their strategies)")
-    parser.add_argument("--input", type=_shape, default=DEFAULT_INPUT, help="input NxCxHxW (default 4x3x128x128)")
+    parser.add_argument("--input", type=parse_shape, default=DEFAULT_INPUT,
+                        help="input NxCxHxW (default 4x3x128x128)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed steps per variant (median)")
     parser.add_argument("--no-rss", action="store_true", help="skip the RSS subprocesses (faster)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")

@@ -16,7 +16,7 @@ _BLOCK_INPUT = (16, 32, 56, 56)
 _MODEL_INPUT = (8, 3, 64, 64)
 
 
-def _shape(text):
+def parse_shape(text):
     try:
         dims = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -93,7 +93,7 @@ def build_parser():
                      help="preact_resnet (default, built in), postact_resnet (built in, with residual sites), "
                           "torchvision:NAME, timm:NAME, smp:ARCH:ENCODER (random weights; need torchvision, timm, "
                           "segmentation-models-pytorch), or block (one conv -> BatchNormAct2d -> conv block)")
-    cmp.add_argument("--input", type=_shape, default=None,
+    cmp.add_argument("--input", type=parse_shape, default=None,
                      help="input NxCxHxW (default 8x3x64x64, or 8x3xSxS with the smallest S >= 64 that a library "
                           "model accepts; 16x32x56x56 for --model block)")
     cmp.add_argument("--strategies", nargs="+", type=_strategy, default=list(STRATEGY_NAMES))
@@ -109,7 +109,7 @@ def build_parser():
                      help="fraction of standard's saved-activation bytes (e.g. 0.6), or bytes if > 1")
     pln.add_argument("--model", type=_model_name, default="preact_resnet",
                      help="preact_resnet (default), postact_resnet, torchvision:NAME, timm:NAME or smp:ARCH:ENCODER")
-    pln.add_argument("--input", type=_shape, default=None,
+    pln.add_argument("--input", type=parse_shape, default=None,
                      help="input NxCxHxW (default 8x3x64x64, or the smallest 8x3xSxS a library model accepts)")
     pln.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per site and strategy")
     pln.add_argument("--json", metavar="FILE", help="also write the plan as JSON (Plan.from_json reads it)")

@@ -635,3 +635,78 @@ def test_patched_instance_forward_is_not_traced():
     block.forward = lambda x, _f=type(block).forward, _b=block: _f(_b, x)  # e.g. a library's wrapper
     d = decisions(convert(model, "efficient_checkpoint"))
     assert "replaced on the instance" in d["layer1.0.bn1"].reason
+
+
+# -- a BN output returned by a child module: fused in the caller, the child's code inlined ----------------------------
+class ConvBN(nn.Module):
+    """timm's ConvNormAct(apply_act=False) in small: returns its BN's output, the block decides what follows."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class ChildReturnsBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.branch, self.shortcut, self.head = ConvBN(4), ConvBN(4), ConvBN(4)
+        self.drop_path = nn.Identity()  # timm's DropPath at rate 0
+        self.act = nn.LeakyReLU(0.1, inplace=True)
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.act(self.drop_path(self.branch(x)) + self.shortcut(x))
+        return self.out(F.leaky_relu(self.head(y), 0.2))
+
+
+def test_bn_returned_by_a_child_is_fused_in_the_caller():
+    from ckptnorm.torch import SavedTensorsCounter
+    model = make(ChildReturnsBN)
+    for strategy in STRATEGIES:
+        conv = convert(model, strategy)
+        d = decisions(conv)
+        assert conv.ckptnorm_report.rewritten == ("",) and "forward" in vars(conv)
+        assert "branch returns the BN output: its code is inlined" in d["branch.bn"].reason
+        assert "residual site: add and activation fused" in d["branch.bn"].reason
+        assert conv.branch.bn.activation == "leaky_relu" and conv.head.bn.activation == "leaky_relu"
+        assert "inlined" not in d["shortcut.bn"].reason  # both operands are BN outputs: the first one takes the add
+        assert type(conv.branch) is ConvBN and "forward" not in vars(conv.branch)  # the child itself is untouched
+        _grads_equal(model, conv, torch.randn(2, 3, 6, 6, dtype=torch.float64))
+    # the saving that inlining makes possible: inplace_abn keeps z alone at the residual site
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    kept = {}
+    converted = convert(model, "inplace_abn", example_inputs=x)
+    for name, net in (("original", copy.deepcopy(model)), ("inplace_abn", converted)):
+        net.train()
+        with SavedTensorsCounter(exclude=[net, x]) as counter:
+            net(x).sum().backward()
+        kept[name] = counter.saved_bytes
+    buffer = x[:, :1].numel() * 4 * 8  # one 4-channel float64 activation
+    predicted = converted.ckptnorm_report.predicted_saved_bytes
+    assert predicted == 3 * buffer  # branch: conv output (add's result kept as z); head: conv output, leaky's input
+    assert abs((kept["original"] - kept["inplace_abn"]) - predicted) <= 0.01 * predicted
+
+
+def test_child_with_hooks_or_called_twice_is_not_inlined():
+    model = make(ChildReturnsBN)
+    model.branch.register_forward_hook(lambda mod, args, out: None)
+    d = decisions(convert(model, "efficient_checkpoint"))
+    assert "inlined" not in d["branch.bn"].reason and "add and activation fused" not in d["branch.bn"].reason
+    assert "inlined" in d["head.bn"].reason  # the others still are
+
+    class Twice(ChildReturnsBN):
+        def forward(self, x):
+            x = self.stem(x)
+            return self.out(F.relu(self.head(self.head(x)) + self.branch(x))) + self.shortcut(x).mean()
+    twice = make(Twice)
+    conv = convert(twice, "efficient_checkpoint")
+    d = decisions(conv)
+    assert "inlined" not in d["head.bn"].reason and conv.head.bn.activation == "identity"  # head is called twice
+    assert "inlined" in d["branch.bn"].reason
+    _grads_equal(twice, conv, torch.randn(2, 3, 6, 6, dtype=torch.float64))

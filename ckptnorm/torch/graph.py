@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from .modules import _BatchNormAct
 
-__all__ = ["Pieces", "RewrittenForward", "bn_kind"]
+__all__ = ["Pieces", "RewrittenForward", "bn_kind", "inline_call"]
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -411,6 +411,28 @@ def _keeps_input(piece, user) -> bool:
         # these keep their result, not their input (an in-place one is flagged by in_place_writer first)
         return not (isinstance(mod, (nn.ReLU, nn.Sigmoid, nn.Tanh)) and not getattr(mod, "inplace", False))
     return True
+
+
+def inline_call(graph: fx.Graph, call: fx.Node, child: fx.Graph) -> dict:
+    """Replace the ``call_module`` node ``call`` of ``graph`` by a copy of ``child`` (the called module's own graph,
+    its module and attribute targets prefixed with the call's target); returns {child node: its copy}."""
+    placeholders = [n for n in child.nodes if n.op == "placeholder"]
+    env = dict(zip(placeholders, call.args))
+    result = None
+    with graph.inserting_before(call):
+        for n in child.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                result = fx.map_arg(n.args[0], env.__getitem__)
+                continue
+            copy = graph.node_copy(n, env.__getitem__)
+            if n.op in ("call_module", "get_attr"):
+                copy.target = f"{call.target}.{n.target}"
+            env[n] = copy
+    call.replace_all_uses_with(result)
+    graph.erase_node(call)
+    return env
 
 
 class RewrittenForward:

@@ -86,6 +86,9 @@ class Site:
     input_dtype: torch.dtype | None = None
     act_in_place: bool = False
     note: str = ""
+    passed_nodes: tuple = ()        # nn.Identity calls between the BN (or the inlined call) and what is fused
+    inline_node: str | None = None  # the owner's call of the module returning the BN output, inlined to fuse
+    inlined: str = ""               # that module's qualified name
 
     @property
     def precision_risk(self) -> str:
@@ -253,15 +256,41 @@ def _residual_operand(node, bn_node):
     return other if isinstance(other, fx.Node) and other is not bn_node else None
 
 
-def _claims_residual(piece, bn_node, add, other) -> bool:
-    """When both operands of the add are single-user plain BN calls, only the add's first operand takes the site."""
-    if other.op == "call_module" and len(other.users) == 1:
-        try:
-            if bn_kind(piece.submodule(other.target)) in ("bn", "sync_bn"):
-                return add.args[0] is bn_node
-        except AttributeError:
-            pass
+def _claims_residual(pieces, piece, head, add, other) -> bool:
+    """When both operands of the add are single-user BN outputs that could take the site, only the add's first
+    operand takes it."""
+    if len(other.users) == 1 and _bn_output(pieces, piece, other):
+        return add.args[0] is head
     return True
+
+
+def _bn_output(pieces, piece, node) -> bool:
+    """``node`` is (through Identity calls) the output of a BN without its own activation: called here, or returned
+    by an inlinable child (``_inlinable_call``)."""
+    while node.op == "call_module" and type(_target_or_none(piece, node)) is nn.Identity and node.args:
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return False
+    mod = _target_or_none(piece, node)
+    kind = bn_kind(mod)
+    if kind in ("bn", "sync_bn"):
+        return True
+    if kind == "norm_act":
+        act = getattr(mod, "act", None)
+        return act is None or type(act) is nn.Identity
+    child = pieces.piece(mod) if mod is not None else None
+    if child is None or child.graph is None:
+        return False
+    out = next(n for n in child.graph.nodes if n.op == "output").args[0]
+    return (isinstance(out, fx.Node) and out.op == "call_module" and bn_kind(_target_or_none(child, out)) is not None
+            and _inlinable_call(pieces, child, out) is not None and _bn_output(pieces, child, out))
+
+
+def _target_or_none(piece, node):
+    try:
+        return piece.submodule(node.target)
+    except AttributeError:
+        return None
 
 
 def _gamma_range(bn):
@@ -274,33 +303,89 @@ def _gamma_range(bn):
 
 
 # -- discovery ------------------------------------------------------------------------------------------------------
-def _fusion(pieces, piece, node):
-    """How the activation after BN call ``node`` can be fused: a dict of Site fields."""
-    users = list(node.users)
+def _skip_identities(piece, node):
+    """(head, names): ``node`` followed through single-user ``nn.Identity`` calls without hooks (timm's drop_path
+    at rate 0), and the names of the calls passed."""
+    passed = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_module" or len(user.args) != 1 or user.kwargs or user.args[0] is not node:
+            break
+        try:
+            mod = piece.submodule(user.target)
+        except AttributeError:
+            break
+        if type(mod) is not nn.Identity or _has_hooks(mod):
+            break
+        passed.append(user.name)
+        node = user
+    return node, tuple(passed)
+
+
+def _has_hooks(mod) -> bool:
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks)
+
+
+def _inlinable_call(pieces, piece, head):
+    """(caller, call) when ``piece`` returns ``head`` itself and may be inlined into its only caller: the one place
+    where what follows the BN can be seen (timm's ``ConvNormAct`` returns BN's output to the block that adds the
+    shortcut).  Inlining bypasses the child's forward, so it must be rewritable (rule 3 of graph.py), called once
+    by traced code only (rule 2), without hooks, with positional arguments only."""
+    users = list(head.users)
+    if len(users) != 1 or users[0].op != "output" or users[0].args[0] is not head or piece.module is pieces.model:
+        return None
+    child = piece.module
+    calls = pieces.calls(child)
+    if (len(calls) != 1 or pieces.untraced_parent(child) or not _single_name(pieces, child) or _has_hooks(child)
+            or piece.rewritable()):
+        return None
+    caller, call = calls[0]
+    placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]
+    if call.kwargs or len(call.args) != len(placeholders):
+        return None
+    return caller, call
+
+
+def _fusion(pieces, piece, node, hop=True):
+    """How the activation after BN call ``node`` can be fused: (Site fields, the node whose value is the layer's
+    output once fused, the piece holding that node)."""
     out = {"fuse": "", "activation": IDENTITY}
+    head, passed = _skip_identities(piece, node)
+    if hop and not passed:
+        found = _inlinable_call(pieces, piece, head)
+        if found is not None:
+            caller, call = found
+            more, last, where = _fusion(pieces, caller, call, hop=False)
+            if more["fuse"] == "rewrite":
+                more.update(inline_node=call.name, inlined=caller.qualname(call.target))
+            if more["fuse"] in ("swap", "rewrite"):
+                return more, last, where
+            return out, node, piece
+    users = list(head.users)
     if len(users) != 1:
-        return out, node
+        return out, node, piece
     user = users[0]
-    found = _node_activation(user, piece, node)
+    found = _node_activation(user, piece, head)
     add = other = None
     if found is None:
-        other = _residual_operand(user, node)
-        if other is None or len(user.users) != 1 or not _claims_residual(piece, node, user, other):
-            return out, node
+        other = _residual_operand(user, head)
+        if other is None or len(user.users) != 1 or not _claims_residual(pieces, piece, head, user, other):
+            return out, node, piece
         add, act_call = user, next(iter(user.users))
         found = _node_activation(act_call, piece, add)
         if found is None:
-            return out, node
+            return out, node, piece
         user = act_call
         out["residual"] = True
     fused = _as_activation(found)
     module = found[1] if found[0] == "module" else None
     if fused is None and module is None:
         out["unfused"] = found[0]
-        return out, node
+        return out, node, piece
     if add is not None and module is not None:
         out["unfused"] = type(module).__name__  # residual + module activation: not fused
-        return out, node
+        return out, node, piece
     swap = False
     if user.op == "call_module" and add is None:
         act_mod = piece.submodule(user.target)
@@ -311,13 +396,13 @@ def _fusion(pieces, piece, node):
     if blocked:
         out["rewrite_blocked"] = blocked
         out["unfused"] = fused.describe() if fused is not None else type(module).__name__
-        return out, node
+        return out, node, piece
     out.update(fuse="swap" if swap else "rewrite", activation=fused, activation_module=module,
                activation_node=piece.qualname(user.target) if swap else user.name,
-               act_in_place=_writes_input(piece, user))
+               act_in_place=_writes_input(piece, user), passed_nodes=passed)
     if add is not None:
         out.update(residual_activation=fused, add_node=add.name, residual_node=other.name)
-    return out, user
+    return out, user, piece
 
 
 def _writes_input(piece, node) -> bool:
@@ -376,15 +461,17 @@ def discover(model: nn.Module, example_inputs=None):
         elif len(calls) == 1 and not untraced:  # fusing changes every call: all must be known (rule 2)
             owner_piece, node = calls[0]
             fields.update(owner=owner_piece.name, bn_node=node.name)
-            if kind == "norm_act":
-                fields.update(_norm_act_fields(bn))
-                out_node = node
-            else:
-                more, out_node = _fusion(pieces, owner_piece, node)
-                fields.update(more)
             inp = node.args[0] if node.args else None
             if isinstance(inp, fx.Node) and inp.op not in ("placeholder", "get_attr"):
                 fields["input_has_other_readers"] = len(inp.users) > 1 or not _fresh_node(inp, owner_piece, pieces)
+            out_node = node
+            if kind == "norm_act":
+                fields.update(_norm_act_fields(bn))
+            if kind != "norm_act" or (fields["fuse"] == "inside" and fields["activation"] == IDENTITY
+                                      and fields.get("activation_module") is None):
+                more, out_node, owner_piece = _fusion(pieces, owner_piece, node)
+                if more["fuse"] or kind != "norm_act":
+                    fields.update(more, owner=owner_piece.name)
         elif kind == "norm_act":
             fields.update(_norm_act_fields(bn))
         fields["traced"] = bool(calls) and not untraced

@@ -26,3 +26,16 @@ def pytest_configure(config):
                 f"ckptnorm: CKPTNORM_ZOO=1 but {name} cannot be imported ({type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}); tip: pip install torch==2.14.1 "
                 "torchvision==0.29.1, then pip install -e '.[test,zoo]'") from None
+
+
+def pytest_terminal_summary(terminalreporter):
+    """With CKPTNORM_ZOO_RECORD=FILE: the per-model table of what the checks found (sites, saving, error)."""
+    path = os.environ.get("CKPTNORM_ZOO_RECORD")
+    if not path or not os.path.exists(path):
+        return
+    from zoo_cases import summary
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    if lines:
+        terminalreporter.write_sep("=", "zoo: sites, saved bytes (float64, test batch) and float64 error per model")
+        terminalreporter.write_line(summary(lines))

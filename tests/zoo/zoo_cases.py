@@ -22,6 +22,8 @@ import torch
 STRATEGIES = ("standard", "checkpoint", "efficient_checkpoint", "inplace_abn")
 TOL = 1e-10
 REQUIRED = os.environ.get("CKPTNORM_ZOO") == "1"
+RECORD = os.environ.get("CKPTNORM_ZOO_RECORD")  # a file: one JSON line per checked conversion (conftest prints them)
+MEASURED = ("efficient_checkpoint", "inplace_abn")  # strategies whose saved bytes are measured when recording
 
 
 def require(module):
@@ -138,6 +140,8 @@ def check_conversion(case, strategy):
     else:
         assert applied, f"no site converted under {strategy}; report:\n{report}"
     result = check_equivalence(model, converted, x, reference=ref)
+    if RECORD:
+        record(case, strategy, model, converted, x, result)
     assert result.max <= TOL, f"{case.spec} under {strategy}: {result}"
     # the caller's model is untouched by convert and check_equivalence
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the original model was modified"
@@ -157,3 +161,61 @@ def check_batchnorms_reported(case, strategy="efficient_checkpoint"):
     missing = sorted(set(batchnorms(model)) - names)
     assert not missing, f"{len(missing)} BatchNorm modules are not in the report, e.g. {missing[:5]}"
     return report
+
+
+_original_bytes = {}
+
+
+def _saved_bytes(model, x):
+    """Exact bytes kept for backward by one float64 training forward and loss (parameters and input excluded)."""
+    import copy
+
+    from ckptnorm.torch import SavedTensorsCounter
+    from ckptnorm.torch.zoo import training_loss
+    net = copy.deepcopy(model).train()
+    with SavedTensorsCounter(exclude=[net, x]) as counter:
+        loss = training_loss(net(x))
+    loss.backward()
+    return counter.saved_bytes
+
+
+def record(case, strategy, model, converted, x, result):
+    """Append what the check found to ``RECORD``: sites, float64 error and (for ``MEASURED``) saved bytes."""
+    import json
+    report = converted.ckptnorm_report
+    entry = {"model": case.spec, "strategy": strategy, "sites": len(report),
+             "applied": sum(d.applied is not None for d in report),
+             "as_requested": sum(d.applied == strategy for d in report), "rewritten": len(report.rewritten),
+             "error": result.max, "saved_original": None, "saved": None}
+    if strategy in MEASURED and not case.bn_free:
+        if case.spec not in _original_bytes:
+            _original_bytes[case.spec] = _saved_bytes(model, x)
+        entry.update(saved_original=_original_bytes[case.spec], saved=_saved_bytes(converted, x))
+    with open(RECORD, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def summary(lines) -> str:
+    """A markdown table, one row per model, from ``record``'s JSON lines."""
+    import json
+    rows = {}
+    for line in lines:
+        e = json.loads(line)
+        rows.setdefault(e["model"], {})[e["strategy"]] = e
+    head = ("model", "sites", "converted (efficient_checkpoint / inplace_abn as requested)", "forwards rewritten",
+            "saved bytes, efficient_checkpoint", "saved bytes, inplace_abn", "max float64 error (4 strategies)")
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, by in rows.items():
+        any_entry = next(iter(by.values()))
+
+        def saving(s):
+            e = by.get(s)
+            if not e or not e["saved_original"]:
+                return "-"
+            return f"{100 * (e['saved'] / e['saved_original'] - 1):+.1f}%"
+        ec, ia = by.get("efficient_checkpoint", {}), by.get("inplace_abn", {})
+        out.append("| " + " | ".join((
+            model, str(any_entry["sites"]), f"{ec.get('applied', '-')} / {ia.get('as_requested', '-')}",
+            str(ec.get("rewritten", "-")), saving("efficient_checkpoint"), saving("inplace_abn"),
+            f"{max(e['error'] for e in by.values()):.1e}")) + " |")
+    return "\n".join(out)
