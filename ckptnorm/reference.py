@@ -13,7 +13,7 @@ With ``residual`` r (a residual site, z = phi(y + r)) every strategy also keeps 
 inverse path uses y = phi^-1(z) - r, and ``backward`` returns the residual's gradient dr = dy as a fourth value.
 
 In exact arithmetic all four give the same gradient; in float64 they agree to ~1e-12 (see tests), which checks
-the derivation in ../shared/design/strategies.md independently of any kernel.
+the derivation in docs/design.md independently of any kernel.
 """
 from __future__ import annotations
 

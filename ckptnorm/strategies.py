@@ -1,6 +1,6 @@
 """The four strategies behind one interface, and a name-keyed registry with aliases.
 
-Math (one channel, m elements; derivation in ../shared/design/strategies.md):
+Math (one channel, m elements; derivation in docs/design.md):
 
     forward   mean, var = batch statistics (training) or running ones (eval);  invstd = 1 / sqrt(var + eps)
               y = gamma * (x - mean) * invstd + beta;  z = phi(y)

@@ -5,7 +5,7 @@ Every kernel takes 3-D views of the activation in *memory order* and a ``channel
     "ncs" layout (channels_last=False): shape (N, C, S)  -- NCHW-contiguous input, S = prod(spatial)
     "nsc" layout (channels_last=True):  shape (N, S, C)  -- channels_last input (and 2-D N x C input, S = 1)
 
-Math (one channel, m = N*S elements; design note ../shared/design/strategies.md), exactly as the CPU kernels:
+Math (one channel, m = N*S elements; design note docs/design.md), exactly as the CPU kernels:
 
     stats      shift = first element of the channel, s1 = sum(x - shift), s2 = sum((x - shift)^2)
                mean = shift + s1/m,  var = max(s2/m - (s1/m)^2, 0)  (biased),  optional min/max of x

@@ -5,7 +5,7 @@ Every kernel takes a 3-D view of the activation in *memory order*:
     "ncs" layout: shape (N, C, S)  -- NCHW-contiguous input, S = prod(spatial)
     "nsc" layout: shape (N, S, C)  -- channels_last input (and 2-D N x C input, S = 1)
 
-Math (one channel, m = N*S elements; design note ../shared/design/strategies.md):
+Math (one channel, m = N*S elements; design note docs/design.md):
 
     forward    y = (x - mean) * invstd * gamma + beta,   z = phi(y)
     reduce     sum_dy = sum(dz * phi'(y)),  sum_dy_xhat = sum(dy * (x - mean) * invstd)          [from x]
