@@ -20,12 +20,9 @@ class ModelTrainStep:
         train_step(self.model, self.x)
 
     def track_saved_bytes(self, strategy, input_shape):
-        """Bytes kept for backward by one forward (exact; parameters, buffers and the input excluded)."""
-        from ckptnorm.torch import SavedTensorsCounter
-        self.model.zero_grad(set_to_none=True)
-        with SavedTensorsCounter(exclude=[self.model, self.x]) as counter:
-            out = self.model(self.x)
-        out.sum().backward()
-        return counter.saved_bytes
+        """Bytes kept for backward by one step's forward and loss (exact; parameters, buffers and the input
+        excluded), as ``ckptnorm compare`` counts them."""
+        from ckptnorm.torch.harness import saved_bytes
+        return saved_bytes(self.model, (self.x,), tool="benchmarks")
 
     track_saved_bytes.unit = "bytes"

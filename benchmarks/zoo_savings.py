@@ -16,7 +16,8 @@ example_inputs=x)``:
   ``MALLOC_MMAP_THRESHOLD_=65536`` (so that freed activation buffers go back to the OS), after two warm-up steps,
   the smallest of three steps;
 * ``time ratio``: median step time (forward + loss + backward) converted / original over ``--repeats``
-  interleaved steps (order alternating), after one warm-up step each.
+  interleaved (round-robin) steps, after one warm-up step each; every step is ``ckptnorm.torch.harness``'s, the one
+  ``ckptnorm compare`` and ``ckptnorm plan`` measure.
 
 This module imports neither torchvision nor timm at import time (asv imports every module of benchmarks/), and
 defines no asv benchmark.
@@ -27,7 +28,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -47,6 +47,69 @@ DEFAULT_MODELS = (
 )
 DEFAULT_INPUT = (4, 3, 128, 128)
 MIB = 2 ** 20
+
+
+def _model_arg(text):
+    """``SPEC`` or ``SPEC=STRATEGY``; a default model's strategy and target when SPEC is one of them."""
+    spec, _, strategy = text.partition("=")
+    known = {s: (st, t) for s, st, t in DEFAULT_MODELS}
+    default_strategy, target = known.get(spec, ("efficient_checkpoint", None))
+    return spec, strategy or default_strategy, target
+
+
+def _build(spec, shape, strategy=None):
+    """(model, input, report) -- the original when ``strategy`` is None -- in train mode, seeded."""
+    from ckptnorm.torch import convert
+    from ckptnorm.torch.zoo import build_model
+    model, x = build_model(spec, shape, seed=0)
+    if strategy is None:
+        return model.train(), x, None
+    converted = convert(model, strategy, example_inputs=x)
+    return converted.train(), x, getattr(converted, "ckptnorm_report", None)
+
+
+def _saved_bytes(model, x):
+    from ckptnorm.torch.harness import saved_bytes, training_step
+    training_step(model, (x,))  # warm-up: kernels, allocator, gradient buffers
+    return saved_bytes(model, (x,))
+
+
+def _time_ratio(original, converted, x, repeats):
+    from ckptnorm.torch.harness import median_times, training_step
+    for m in (original, converted):
+        training_step(m, (x,))  # warm-up
+    medians = dict(zip(("original", "converted"), median_times([original, converted], (x,), repeats)))
+    return medians["converted"] / medians["original"], medians
+
+
+# -- RSS, in a fresh interpreter per (model, variant) ---------------------------------------------------------------
+def _rss_child(spec, variant, shape):
+    """Runs in the child: print {"held": bytes} for the original (variant "original") or the converted model."""
+    from ckptnorm.torch.harness import release_free_memory, rss, training_step
+    model, x, _ = _build(spec, shape, None if variant == "original" else variant)
+    for _ in range(2):
+        training_step(model, (x,))
+    held = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        release_free_memory()
+        before = rss()
+        # what the step holds between the loss and backward: the graph and everything it keeps
+        training_step(model, (x,), probe=lambda: held.append(rss() - before))
+    print(json.dumps({"held": min(held)}))
+
+
+def _rss_held(spec, variant, shape, timeout=900):
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", "benchmarks.zoo_savings", "--rss-child", spec, variant, "x".join(map(str, shape))]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ckptnorm: the RSS subprocess for {spec} ({variant}) failed: "
+                           f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}; "
+                           "tip: run it by hand: " + " ".join(cmd))
+    return json.loads(proc.stdout.strip().splitlines()[-1])["held"]
 
 
 # -- one model --------------------------------------------------------------------------------------------------

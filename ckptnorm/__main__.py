@@ -154,7 +154,7 @@ def _build_model(parser, name, shape):
 def _compare_block(parser, args):
     import torch
     from .activations import get_activation
-    from .torch.compare import compare_block, format_table
+    from .torch.compare import compare, make_block
     shape, repeats = args.input or _BLOCK_INPUT, args.repeats or 7
     try:  # argument errors as one line, before any work
         act = get_activation(args.activation)
@@ -162,18 +162,14 @@ def _compare_block(parser, args):
             get_strategy(name).check_activation(act)
     except ValueError as exc:
         parser.exit(2, f"{exc}\n")
-    if "standard" not in args.strategies:
-        args.strategies.insert(0, "standard")  # the baseline every ratio is against
-    results = compare_block(shape, args.channels, args.strategies, repeats, args.activation)
-    title = (f"block: conv1x1({shape[1]}->{args.channels}) -> BatchNormAct2d({args.channels}, {args.activation})"
-             f" -> conv1x1({args.channels}->{shape[1]}), input {'x'.join(map(str, shape))} float32, "
-             f"{torch.get_num_threads()} threads, median of {repeats} steps; saved = bytes kept for backward, "
-             "block input and parameters excluded")
-    print(format_table(results, title))
+    torch.manual_seed(0)
+    block = make_block(shape[1], args.channels, args.activation).train()
+    result = compare(block, torch.randn(shape), args.strategies, repeats=repeats, progress=not args.no_progress,
+                     include_torch_checkpoint=False, model_name=f"block conv1x1({shape[1]}->{args.channels}) -> "
+                     f"BN({args.channels}) -> {act.describe()} -> conv1x1({args.channels}->{shape[1]})")
+    print(result.table())
     if args.json:
-        import json
-        from dataclasses import asdict
-        _write(parser, args.json, json.dumps({"model": "block", "rows": [asdict(r) for r in results]}, indent=2))
+        _write(parser, args.json, result.to_json())
     return 0
 
 

@@ -15,7 +15,7 @@ Math (one channel, m elements; derivation in docs/design.md):
 
 A strategy decides what is kept between forward and backward and which of the two backward paths runs.  It is
 framework-agnostic: arrays are NumPy views handed over by an adapter (``ckptnorm.torch``), and every pass over the
-data goes through a ``Backend``.  The adapter saves exactly the arrays named by ``ForwardPlan.keep``.
+data goes through a ``Backend``.  The adapter saves exactly the arrays named by ``CallDecision.keep``.
 
 Invariants:
  1. Running statistics are updated once per forward call, never by a backward or a recompute.
@@ -23,13 +23,14 @@ Invariants:
  3. A strategy that cannot produce an accurate gradient from what it keeps keeps more (``InplaceABN``), never less.
  4. The per-channel math between kernel calls in the backward path uses arithmetic operators only, so a backend
     may return its per-channel results as device arrays of its framework and nothing waits for the device.
- 5. Synchronized BatchNorm (several processes, each with part of the batch) is one optional ``Reducer`` argument:
-    the statistics and the backward sums become those of the union of the batches, m the global count; the
-    fused kernels never know.  Everything a keep decision reads is merged too, so every process keeps the same
-    names and runs the same backward path (their sums are then like terms).
+ 5. Synchronized BatchNorm (several processes, each with part of the batch) is one optional ``Reducer`` argument
+    (``channel_stats``): the statistics and the backward sums become those of the union of the batches, m the
+    global count; the fused kernels never know.  Everything a keep decision reads is merged too, so every process
+    keeps the same names and runs the same backward path (their sums are then like terms).
 """
 from __future__ import annotations
 
+import enum
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -37,14 +38,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .activations import Activation
+from .channel_stats import batch_statistics, elements_per_channel, merged_statistics
 
 
 class PrecisionFallbackWarning(UserWarning):
     """``inplace_abn`` kept x for one call because z alone would have given an inaccurate gradient."""
 
 
+class OutputRecipe(enum.Enum):
+    """What the consumers of a call's output z keep instead of z (rematerialization, docs/design.md section 5).
+
+    A strategy declares it per call (``Strategy.output_recipe``); the adapter's rematerialization module builds
+    the recipe from it and never guesses from what was kept."""
+
+    NONE = "none"                        # consumers keep z itself
+    RECOMPUTE_STATISTICS = "x"           # x alone: the statistics are recomputed from x, then y and z
+    REUSE_STATISTICS = "x+statistics"    # x and this call's per-channel statistics: y and z elementwise
+
+
 @dataclass
-class ForwardPlan:
+class CallDecision:
     """What a forward call computed and what its backward will need (per-channel arrays are float64)."""
 
     mean: np.ndarray
@@ -53,74 +66,11 @@ class ForwardPlan:
     count: int                     # m: elements per channel
     keep: tuple                    # names among "x", "z", "mean", "invstd", "residual", in saving order
     fallback_reason: str = ""      # why inplace_abn keeps x this call ("" when it does not)
+    recipe: OutputRecipe = OutputRecipe.NONE  # what consumers of z keep instead of z
     scale: np.ndarray = field(init=False)
 
     def set_affine(self, gamma):
         self.scale = gamma * self.invstd
-
-
-def channel_count(shape, layout) -> int:
-    return int(shape[1] if layout == "ncs" else shape[2])
-
-
-def elements_per_channel(shape, layout) -> int:
-    return int(np.prod(shape)) // channel_count(shape, layout)
-
-
-def batch_statistics(backend, x, layout, eps, with_range=False):
-    """Return (mean, var, invstd, xmin, xmax) of the batch, float64 per channel (range only ``with_range``)."""
-    mean, var, xmin, xmax = backend.channel_stats(x, layout, with_range)
-    return mean, var, (var + eps) ** -0.5, xmin, xmax
-
-
-class Reducer:
-    """Combines per-channel values across the processes of a synchronized BatchNorm (data-parallel training).
-
-    A framework adapter implements it with its collectives (``ckptnorm.torch.sync.ProcessGroupReducer``:
-    torch.distributed).  Arrays are float64 per channel, of the backend's kind (NumPy, or the framework's device
-    arrays); results must be of the same kind and identical on every process.
-    """
-
-    def merge_stats(self, count, mean, var, extrema=()):
-        """Statistics of the union of every process's batch: ``(count, mean, var, extrema)``.
-
-        ``count`` (int), ``mean`` and the biased ``var`` describe this process's batch (count may be 0: then mean
-        and var are ignored); ``extrema`` is a tuple of per-channel ``(low, high)`` pairs merged by min and max.
-        One exchange per call.  The returned count is an int, the same on every process.
-        """
-        raise NotImplementedError
-
-    def sum_channels(self, *arrays):
-        """Per-channel arrays summed over the processes (one exchange for all of them), as a tuple."""
-        raise NotImplementedError
-
-
-def merged_statistics(backend, x, layout, eps, reducer, with_range=False, residual_range=None):
-    """Batch statistics over every process's batch: ``(count, mean, var, invstd, xmin, xmax, residual_range)``.
-
-    One exchange: this process's (count, mean, var), the range of x when ``with_range`` and ``residual_range``
-    (the per-channel (min, max) of a residual, or None) travel together.
-    """
-    count = elements_per_channel(x.shape, layout)
-    mean, var, xmin, xmax = backend.channel_stats(x, layout, with_range)
-    extrema = ((xmin, xmax),) if with_range else ()
-    if residual_range is not None:
-        extrema += (tuple(residual_range),)
-    count, mean, var, extrema = reducer.merge_stats(count, mean, var, extrema)
-    if with_range:
-        (xmin, xmax), extrema = extrema[0], extrema[1:]
-    if residual_range is not None:
-        residual_range = extrema[0]
-    return count, mean, var, (var + eps) ** -0.5, xmin, xmax, residual_range
-
-
-def updated_running_stats(running_mean, running_var, mean, var, count, factor):
-    """New running statistics: (1 - factor) * running + factor * batch, with the unbiased variance (m / (m - 1)).
-
-    All arguments float64 per channel; arithmetic operators only (device arrays welcome).
-    """
-    unbiased = var * (count / (count - 1)) if count > 1 else var
-    return (1.0 - factor) * running_mean + factor * mean, (1.0 - factor) * running_var + factor * unbiased
 
 
 def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, act, training, count, residual=None,
@@ -169,7 +119,16 @@ class Strategy:
     recomputes: tuple = ()             # recomputed in backward
     requires_invertible: bool = False  # needs phi^-1 (z alone must determine y)
     may_overwrite_input: bool = False  # inplace=True writes z over x
-    rematerializes_output: bool = False  # consumers of z keep a recipe (x + stats) instead of z
+
+    def output_recipe(self, training: bool, synced: bool, residual: bool) -> OutputRecipe:
+        """What consumers of this call's z keep instead of z: ``OutputRecipe.NONE`` unless the strategy keeps x
+        and rematerializes z.  A residual site's z is never rematerialized (it is the next block's residual)."""
+        return OutputRecipe.NONE
+
+    @property
+    def rematerializes_output(self) -> bool:
+        """Whether consumers of z keep a recipe instead of z at a plain (non-residual) training site."""
+        return self.output_recipe(True, False, False) is not OutputRecipe.NONE
 
     def check_activation(self, act: Activation) -> None:
         if self.requires_invertible and not act.invertible:
@@ -178,14 +137,14 @@ class Strategy:
                 "identity, leaky_relu with slope > 0, elu or celu with alpha > 0, or selu; or "
                 "strategy='efficient_checkpoint'")
 
-    def plan(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var, residual=None,
-             reducer=None):
+    def decide(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var, residual=None,
+               reducer=None):
         """Compute the statistics for this call and decide what to keep.  Does not touch running stats.
 
         Per-channel arguments are float64 arrays of the backend's kind (running ones only used in eval mode).
         ``residual``: the r of a residual site z = phi(BN(x) + r) (then "residual" is kept too), or None.
         ``reducer``: a ``Reducer`` for synchronized BN (used in training only: eval mode never communicates); the
-        plan's statistics and count are then global.
+        decision's statistics and count are then global.
         """
         count = elements_per_channel(x.shape, layout)
         xmin = xmax = residual_range = None
@@ -202,9 +161,10 @@ class Strategy:
                                   residual_range)
         if residual is not None:
             keep = keep + ("residual",)
-        plan = ForwardPlan(mean, invstd, var, count, keep, reason)
-        plan.set_affine(gamma)
-        return plan
+        recipe = self.output_recipe(training, training and reducer is not None, residual is not None)
+        decision = CallDecision(mean, invstd, var, count, keep, reason, recipe)
+        decision.set_affine(gamma)
+        return decision
 
     def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual,
               residual_range=None):
@@ -220,7 +180,7 @@ class Strategy:
 
     def backward(self, backend, saved, dz, dx, layout, gamma, beta, act, training, eps, count, dres=None,
                  reducer=None):
-        """``saved`` maps the names in ``plan.keep`` to arrays.  Writes dx (if not None) and, at a residual site,
+        """``saved`` maps the names in ``decision.keep`` to arrays.  Writes dx (if not None) and, at a residual site,
         the residual's gradient into ``dres`` (if not None; needs dx); returns (dgamma, dbeta).  ``reducer``: the
         forward's (training only); ``count`` is then the global m."""
         residual = saved.get("residual")
@@ -256,7 +216,15 @@ class Checkpoint(Strategy):
     name = "checkpoint"
     keeps = ("x",)
     recomputes = ("mean", "var", "y", "z")
-    rematerializes_output = True
+
+    def output_recipe(self, training, synced, residual):
+        if residual:
+            return OutputRecipe.NONE
+        # Eval mode has no batch statistics to recompute.  Synced: recomputing would need an exchange whose timing
+        # depends on object lifetimes, which may differ between processes (deadlock): reuse the global ones.
+        if not training or synced:
+            return OutputRecipe.REUSE_STATISTICS
+        return OutputRecipe.RECOMPUTE_STATISTICS
 
     def _keep(self, backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual,
               residual_range=None):
@@ -270,7 +238,9 @@ class EfficientCheckpoint(Strategy):
     name = "efficient_checkpoint"
     keeps = ("x", "mean", "invstd")
     recomputes = ("y", "z")
-    rematerializes_output = True
+
+    def output_recipe(self, training, synced, residual):
+        return OutputRecipe.NONE if residual else OutputRecipe.REUSE_STATISTICS
 
 
 class InplaceABN(Strategy):

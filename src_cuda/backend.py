@@ -26,7 +26,7 @@ from numba import cuda
 
 from ckptnorm.backends.base import Backend
 
-from . import kernels
+from . import geometry, kernels
 
 
 def _simulated() -> bool:
@@ -87,7 +87,7 @@ class CUDABackend(Backend):
         return ak, True
 
     def _launch(self, kernel, blocks, *args):
-        kernel[blocks, kernels.THREADS_PER_BLOCK, self.stream](*args)
+        kernel[blocks, geometry.THREADS_PER_BLOCK, self.stream](*args)
 
     @staticmethod
     def _dims(shape, channels_last):
@@ -99,7 +99,7 @@ class CUDABackend(Backend):
         cl = _channels_last(layout)
         xk = self._arg(x)
         n_batch, channels, spatial = self._dims(xk.shape, cl)
-        tile, n_part, blocks = kernels.reduce_geometry(n_batch * spatial, channels, cl)
+        tile, n_part, blocks = geometry.reduce_geometry(n_batch * spatial, channels, cl)
         with_range = bool(with_range)
         mean, var = self._allocate((channels,), np.float64), self._allocate((channels,), np.float64)
         xmin = xmax = None
@@ -112,7 +112,7 @@ class CUDABackend(Backend):
         mean_k, var_k = self._arg(mean), self._arg(var)
         # without a range, xmin/xmax are never written: mean/var stand in (same types, no extra compilation)
         lo_k, hi_k = (self._arg(xmin), self._arg(xmax)) if with_range else (mean_k, var_k)
-        self._launch(kernels.stats_finalize, kernels.finalize_blocks(channels),
+        self._launch(kernels.stats_finalize, geometry.finalize_blocks(channels),
                      xk, cl, part, n_part, with_range, mean_k, var_k, lo_k, hi_k)
         return mean, var, xmin, xmax
 
@@ -123,7 +123,7 @@ class CUDABackend(Backend):
         total = int(np.prod(xk.shape))
         if total == 0:
             return
-        self._launch(kernels.normalize_act, kernels.elementwise_blocks(total), xk, self._arg(out), cl,
+        self._launch(kernels.normalize_act, geometry.elementwise_blocks(total), xk, self._arg(out), cl,
                      self._arg(mean), self._arg(scale), self._arg(beta), act.kernel_code, float(act.param), rk, has_r)
 
     def _sums(self, partials_kernel, x, dz, layout, args, residual, scale_second):
@@ -133,7 +133,7 @@ class CUDABackend(Backend):
         xk, dzk = self._arg(x), self._arg(dz)
         rk, has_r = self._optional(residual, dzk, xk, "residual")  # stand-in: dz, the same type as most residuals
         n_batch, channels, spatial = self._dims(xk.shape, cl)
-        tile, n_part, blocks = kernels.reduce_geometry(n_batch * spatial, channels, cl)
+        tile, n_part, blocks = geometry.reduce_geometry(n_batch * spatial, channels, cl)
         first, second = self._allocate((channels,), np.float64), self._allocate((channels,), np.float64)
         if channels == 0:
             return first, second
@@ -143,7 +143,7 @@ class CUDABackend(Backend):
         first_k, second_k = self._arg(first), self._arg(second)
         has_scale = scale_second is not None
         scale_k = self._arg(scale_second) if has_scale else first_k  # never read without has_scale
-        self._launch(kernels.sums_finalize, kernels.finalize_blocks(channels),
+        self._launch(kernels.sums_finalize, geometry.finalize_blocks(channels),
                      part, n_part, scale_k, has_scale, first_k, second_k)
         return first, second
 
@@ -169,7 +169,7 @@ class CUDABackend(Backend):
         total = int(np.prod(xk.shape))
         if total == 0:
             return
-        self._launch(kernels.dx_from_input, kernels.elementwise_blocks(total),
+        self._launch(kernels.dx_from_input, geometry.elementwise_blocks(total),
                      xk, dzk, dxk, cl, self._arg(mean), self._arg(scale), self._arg(beta),
                      act.kernel_code, float(act.param),
                      self._arg(coef_dy), self._arg(coef_u), self._arg(coef_const), rk, has_r, dresk, has_dres)
@@ -181,7 +181,7 @@ class CUDABackend(Backend):
         total = int(np.prod(zk.shape))
         if total == 0:
             return
-        self._launch(kernels.dx_from_output, kernels.elementwise_blocks(total),
+        self._launch(kernels.dx_from_output, geometry.elementwise_blocks(total),
                      zk, dzk, dxk, cl, self._arg(beta), act.kernel_code, float(act.param),
                      self._arg(coef_dy), self._arg(coef_u), self._arg(coef_const), rk, has_r, dresk, has_dres)
 

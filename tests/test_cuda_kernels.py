@@ -21,7 +21,7 @@ from numba import cuda
 from kernel_data import (ACTIVATION_SPECS, HALF_FORMATS, RESIDUAL_SPECS, all_half_bits, empty_as, half_from_bits,
                          half_to_bits, make, narrowing_cases, out_tol, stored_as, to_layout, to_ncs, tol, values_of)
 from ckptnorm import get_activation
-from ckptnorm._cuda import kernels
+from ckptnorm._cuda import geometry
 from ckptnorm._cuda.backend import CUDABackend, _simulated
 from ckptnorm.backends import get_backend
 from ckptnorm.backends.storage import narrow, widen
@@ -242,23 +242,23 @@ def test_kernels_compile_for_a_real_gpu():
 
 # -- launch geometry --------------------------------------------------------------------------------------------------
 def test_geometry_depends_on_shape_only_and_is_bounded():
-    T = kernels.THREADS_PER_BLOCK
-    assert kernels.elementwise_blocks(0) == 1 and kernels.elementwise_blocks(1) == 1
-    assert kernels.elementwise_blocks(T * kernels.ELEMENTWISE_ITEMS_PER_THREAD + 1) == 2
-    assert kernels.elementwise_blocks(10 ** 12) == kernels.ELEMENTWISE_MAX_BLOCKS
+    T = geometry.THREADS_PER_BLOCK
+    assert geometry.elementwise_blocks(0) == 1 and geometry.elementwise_blocks(1) == 1
+    assert geometry.elementwise_blocks(T * geometry.ELEMENTWISE_ITEMS_PER_THREAD + 1) == 2
+    assert geometry.elementwise_blocks(10 ** 12) == geometry.ELEMENTWISE_MAX_BLOCKS
     for rows in (1, 17, 129, 4096, 4097, 10 ** 5, 10 ** 9):
         for channels in (1, 3, 17, 64, 2048):
             for cl in (False, True):
-                tile, n_part, blocks = kernels.reduce_geometry(rows, channels, cl)
-                assert (tile, n_part, blocks) == kernels.reduce_geometry(rows, channels, cl)
+                tile, n_part, blocks = geometry.reduce_geometry(rows, channels, cl)
+                assert (tile, n_part, blocks) == geometry.reduce_geometry(rows, channels, cl)
                 assert tile & (tile - 1) == 0 and T // tile >= (8 if cl else 32)
-                assert 1 <= n_part <= kernels.REDUCE_MAX_PARTIALS
+                assert 1 <= n_part <= geometry.REDUCE_MAX_PARTIALS
                 assert blocks == -(-channels // tile) * n_part
-                assert n_part == 1 or rows > (T // tile) * kernels.REDUCE_ITEMS_PER_THREAD * (n_part - 1)
-    assert kernels.reduce_geometry(17, 17, False)[0] == 8  # few rows: up to 8 channels per "ncs" block
-    assert kernels.reduce_geometry(257, 17, False)[0] == 1
-    assert kernels.reduce_geometry(5, 3, True)[0] == 4  # 3 channels: a tile of 4 in "nsc"
-    assert kernels.reduce_geometry(5, 100, True)[0] == 32
+                assert n_part == 1 or rows > (T // tile) * geometry.REDUCE_ITEMS_PER_THREAD * (n_part - 1)
+    assert geometry.reduce_geometry(17, 17, False)[0] == 8  # few rows: up to 8 channels per "ncs" block
+    assert geometry.reduce_geometry(257, 17, False)[0] == 1
+    assert geometry.reduce_geometry(5, 3, True)[0] == 4  # 3 channels: a tile of 4 in "nsc"
+    assert geometry.reduce_geometry(5, 100, True)[0] == 32
 
 
 # -- statistics -------------------------------------------------------------------------------------------------------
@@ -493,7 +493,7 @@ PARTIAL_CASES = [("ncs", (1, 1, 4500)), ("nsc", (1, 3, 1100))]
 @pytest.mark.parametrize("layout,shape", PARTIAL_CASES, ids=str)
 def test_several_partials_per_channel_bitwise_deterministic(layout, shape):
     rows = shape[0] * shape[2]
-    assert kernels.reduce_geometry(rows, shape[1], layout == "nsc")[1] >= 2
+    assert geometry.reduce_geometry(rows, shape[1], layout == "nsc")[1] >= 2
     x, dz, mean, invstd, gamma, beta = make(shape, np.float32, seed=4)
     scale = gamma * invstd
     check_stats(shape, np.float32, layout, seed=4)

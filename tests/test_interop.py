@@ -189,11 +189,9 @@ def test_user_hooks_composing_with_ckptnorm_pack_hook(strategy, monkeypatch):
 def force_clean_hooks():
     """Test cleanup after a known hook leak: pop ckptnorm's hooks if they are on top with no output alive."""
     gc.collect()
-    state = _recompute._thread_state
     top = top_hooks()
-    if top is not None and top[0] is _recompute.pack_hook and getattr(state, "live", 0) <= 0:
+    if top is not None and top[0] is _recompute.pack_hook and _recompute.HOOKS.live() <= 0:
         torch._C._autograd._pop_saved_tensors_default_hooks()
-        state.pushed = False
 
 
 def test_user_hooks_entered_while_ckptnorm_output_alive(monkeypatch):
@@ -312,7 +310,7 @@ def test_graph_freed_without_backward_when_an_op_saves_its_own_output(strategy, 
     del z, out, result
     alive = [name for name, probe in probes.items() if probe() is not None]
     assert not alive, f"the graph of a forward without backward was not freed: {alive} still alive"
-    assert top_hooks() is None and getattr(_recompute._thread_state, "live", 0) == 0
+    assert top_hooks() is None and _recompute.HOOKS.live() == 0
 
 
 # -- the output is really recomputed for its consumer -----------------------------------------------------------------
@@ -463,3 +461,59 @@ def test_torch_compile(strategy):
         del compiled
     finally:
         torch._dynamo.reset()
+
+
+# -- the strategy declares the recipe; one state object owns the hooks ------------------------------------------------
+def test_strategies_declare_the_output_recipe():
+    from ckptnorm.strategies import OutputRecipe, get_strategy
+    R = OutputRecipe
+    expected = {  # (training, synced, residual) -> recipe
+        "standard": {k: R.NONE for k in [(True, False, False), (False, False, False), (True, True, False)]},
+        "inplace_abn": {k: R.NONE for k in [(True, False, False), (False, False, False), (True, True, False)]},
+        "checkpoint": {(True, False, False): R.RECOMPUTE_STATISTICS, (False, False, False): R.REUSE_STATISTICS,
+                       (True, True, False): R.REUSE_STATISTICS, (True, False, True): R.NONE},
+        "efficient_checkpoint": {(True, False, False): R.REUSE_STATISTICS, (False, False, False): R.REUSE_STATISTICS,
+                                 (True, True, False): R.REUSE_STATISTICS, (True, False, True): R.NONE},
+    }
+    for name, cases in expected.items():
+        for args, recipe in cases.items():
+            assert get_strategy(name).output_recipe(*args) is recipe, (name, args)
+
+
+@pytest.mark.parametrize("strategy", RECOMPUTING)
+def test_recipe_not_left_on_the_autograd_node(strategy):
+    """The node keeps the per-call config; the recipe (which holds x) must not stay there, outside
+    save_for_backward, where saved-tensor hooks (e.g. offloading) would not see it."""
+    model = seq(strategy)
+    x, _ = data()
+    z = model[1](model[0](x))
+    assert z.grad_fn.cfg.recipe is None
+    assert _recompute.HOOKS.registry[z.data_ptr()].z_ref() is z
+    del z
+
+
+def test_output_freed_on_another_thread_counts_for_its_owner():
+    import threading
+    model = seq("efficient_checkpoint")
+    x, _ = data()
+    z = model[1](model[0](x))
+    owner = threading.get_ident()
+    assert _recompute.HOOKS.live() == 1
+    box = [z]
+    del z
+    seen = {}
+
+    def drop():
+        seen["before"] = _recompute.HOOKS.live()  # this thread registered nothing
+        box.clear()
+        gc.collect()
+        seen["after"] = _recompute.HOOKS.live()
+    worker = threading.Thread(target=drop)
+    worker.start()
+    worker.join()
+    assert seen == {"before": 0, "after": 0}
+    assert _recompute.HOOKS.live(owner) == 0 and _recompute.HOOKS.live() == 0
+    assert top_hooks() is not None  # the hook stack is the owner's: popped at its next ckptnorm call
+    with torch.no_grad():
+        model[1](model[0](x))  # nothing registered, but the owner's idle hooks go
+    assert top_hooks() is None

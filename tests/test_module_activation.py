@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ckptnorm.torch import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, SavedTensorsCounter, batch_norm_act
-from ckptnorm.strategies import Reducer
+from ckptnorm.channel_stats import Reducer
 from ckptnorm.torch import _recompute
 
 F64 = torch.float64

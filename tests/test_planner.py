@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from ckptnorm.torch import SavedTensorsCounter
 from ckptnorm.torch.planner import Plan, PlanEntry, choose, plan
 
 
@@ -71,11 +70,9 @@ def _brute(candidates, capacity):
 
 
 def _saved_bytes(model, x):
-    model.train()
-    with SavedTensorsCounter(exclude=[model, x]) as counter:
-        out = model(x)
-    out.square().sum().backward()
-    return counter.saved_bytes
+    """Bytes kept by the step the planner measures (forward and loss; ``ckptnorm.torch.harness``)."""
+    from ckptnorm.torch.harness import saved_bytes
+    return saved_bytes(model.train(), (x,), tool="plan")
 
 
 def _grads(model, x):

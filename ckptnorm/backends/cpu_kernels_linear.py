@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_kernels import _chunking, _combine, _jit, _reduce_jit
+from .cpu_tiles import _chunking, _combine, _jit, _reduce_jit
 from .storage import narrow, widen
 
 

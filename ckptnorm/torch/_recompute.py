@@ -5,16 +5,20 @@ conv keeps its input) -- which would cancel the saving.  So when an op saves one
 it keeps a ``Recipe`` (x, per-channel statistics, parameters) instead, and z is recomputed when that backward
 unpacks it.  This is done with PyTorch's saved-tensor hooks, without any wrapper or context asked of the user:
 
- 1. Every such output z is registered here (weakly) together with its recipe.
- 2. While a registered z is alive, this thread's default saved-tensor hooks are ``pack_hook``/``unpack_hook``,
+ 1. The strategy declares per call what a recipe needs (``CallDecision.recipe``, an ``OutputRecipe``: x alone,
+    statistics recomputed, or x and this call's statistics); the forward builds the ``Recipe`` from it, and every
+    such output z is registered (weakly) with it in ``HOOKS``, the one ``HookState`` of the process.
+ 2. While a registered z is alive, its thread's default saved-tensor hooks are ``pack_hook``/``unpack_hook``,
     pushed only when no other hooks are active (so they sit at the bottom of the stack and a user's context,
     ``torch.utils.checkpoint`` included, stays on top and keeps working: inside it, its own hooks decide).
  3. ``pack_hook`` swaps a tensor for a recipe only if it is a registered z, unchanged since forward (same memory,
     metadata and version); anything else passes through untouched.
- 4. When the last registered z of the thread dies, the hooks are popped again (``torch.func`` transforms refuse
-    to run while any saved-tensor hooks are installed).
+ 4. When the last registered z of a thread dies, that thread's hooks are popped again (``torch.func`` transforms
+    refuse to run while any saved-tensor hooks are installed); a z freed on another thread, during a backward or
+    under a user's hooks leaves the pop to the owner thread's next ckptnorm call.
  5. Autograd skips its in-place (version) check for saved tensors when hooks are installed, so tensors passing
-    through our hooks are wrapped in ``Kept``, which makes that check on unpack.
+    through our hooks are wrapped in ``Kept``, which makes that check on unpack (and holds a detached alias: see
+    ``Kept``).
 
 Users composing their own saved-tensor hooks can call ``pack_hook``/``unpack_hook`` inside theirs to keep the
 saving; ``SavedTensorsCounter`` below does exactly that to measure what is kept.
@@ -31,10 +35,9 @@ import weakref
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from ..strategies import OutputRecipe
 from . import _arrays
 
-_registry: dict = {}              # data_ptr of a live z -> Recipe
-_thread_state = threading.local()  # .live: registered outputs z of this thread still alive
 
 
 def _modified_in_place(what, version, expected) -> RuntimeError:
@@ -156,25 +159,35 @@ def describe_callable(fn) -> str:
 
 
 class Recipe:
-    """How to recompute one output z from its input x (what a consumer keeps instead of z)."""
+    """How to recompute one output z from its input x (what a consumer keeps instead of z), built in forward from
+    the strategy's declared ``decision.recipe`` and bound to z by ``HookState.register``."""
 
-    def __init__(self, z, x, layout, cfg, plan, beta):
-        self.z_ref = weakref.ref(z)
-        self.z_version = z._version
-        self.z_meta = (z.shape, z.stride(), z.dtype, z.device)
+    def __init__(self, x, layout, cfg, decision, beta):
+        self.z_ref = self.z_version = self.z_meta = None
         self.x = x.detach()
         self.x_version = x._version
         self.layout, self.act, self.eps = layout, cfg.act, cfg.eps
         self.module = cfg.module  # a ModuleCall (then act is identity: z = f(y)), or None
         self.beta = beta
-        # checkpoint recomputes the statistics from x (naive); efficient_checkpoint reuses what forward computed.
-        self.mean, self.scale = (None, None) if plan.keep == ("x",) else (plan.mean, plan.scale)
-        self.gamma_over_invstd = plan.scale / plan.invstd  # gamma, to rebuild scale after recomputing statistics
+        if decision.recipe is OutputRecipe.RECOMPUTE_STATISTICS:
+            self.mean = self.scale = None
+        elif decision.recipe is OutputRecipe.REUSE_STATISTICS:
+            self.mean, self.scale = decision.mean, decision.scale
+        else:
+            raise ValueError(f"ckptnorm: no recipe for {decision.recipe}; tip: build a Recipe only when the strategy "
+                             "declares one (decision.recipe)")
+        self.gamma_over_invstd = decision.scale / decision.invstd  # gamma: rebuilds scale from recomputed statistics
         self.owner = threading.get_ident()
         self._last = None
 
+    def bind(self, z) -> None:
+        """The output this recipe stands for: only that tensor, unchanged, is swapped for the recipe."""
+        self.z_ref = weakref.ref(z)
+        self.z_version = z._version
+        self.z_meta = (z.shape, z.stride(), z.dtype, z.device)
+
     def matches(self, t) -> bool:
-        z = self.z_ref()
+        z = self.z_ref() if self.z_ref is not None else None
         return (z is not None and t._version == self.z_version
                 and (t.shape, t.stride(), t.dtype, t.device) == self.z_meta)
 
@@ -197,7 +210,7 @@ class Recipe:
         x_arr = _arrays.activation_view(self.x, self.layout)
         mean, scale = self.mean, self.scale
         if mean is None:
-            from ckptnorm.strategies import batch_statistics
+            from ckptnorm.channel_stats import batch_statistics
             mean, _, invstd, _, _ = batch_statistics(backend, x_arr, self.layout, self.eps)
             scale = self.gamma_over_invstd * invstd
         z = torch.empty_like(self.x)
@@ -238,7 +251,7 @@ class Kept:
 def pack_hook(t):
     """Saved-tensor pack hook: a registered, unchanged output z becomes its ``Recipe``; anything else is kept."""
     try:
-        recipe = _registry.get(t.data_ptr())
+        recipe = HOOKS.registry.get(t.data_ptr())
     except RuntimeError:  # tensors without storage (e.g. some subclasses) are never ours
         recipe = None
     if recipe is not None and recipe.matches(t):
@@ -259,39 +272,64 @@ def _top_hooks():
     return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
-def register(z: torch.Tensor, recipe: Recipe) -> None:
-    """Make consumers of ``z`` keep ``recipe`` instead of ``z`` (see module docstring, points 1-2)."""
-    if not torch._C._autograd._saved_tensors_hooks_is_enabled():
-        return  # e.g. inside torch.func transforms: z is simply kept
-    key = z.data_ptr()
-    _registry[key] = recipe
-    state = _thread_state
-    state.live = getattr(state, "live", 0) + 1
-    weakref.finalize(z, _on_output_freed, key, recipe, state)
-    # Only onto an empty stack (bottom), and not during a backward: autograd runs a backward on a copy of the
-    # thread's hook stack and restores the original afterwards, so a push or pop there would be lost.
-    if _top_hooks() is None and not in_backward():
-        torch._C._autograd._push_saved_tensors_default_hooks(pack_hook, unpack_hook)
+class HookState:
+    """The one owner of ckptnorm's saved-tensor hooks (module docstring, rules 1-4): which outputs are registered,
+    how many of each thread's are alive, and when this thread's hooks are pushed and popped.
 
-
-def _on_output_freed(key, recipe, state) -> None:
-    if _registry.get(key) is recipe:
-        del _registry[key]
-    state.live -= 1
-    if recipe.owner == threading.get_ident():
-        release_hooks_if_idle()
-
-
-def release_hooks_if_idle() -> None:
-    """Pop our hooks when no registered z of this thread is alive and they are on top of its stack.
-
-    Called when a registered z dies and at every ckptnorm forward; when a z dies under a user's hooks or during a
-    backward, the pop waits for the next ckptnorm call.
+    The hook stack is per thread, so only the thread that registered an output pushes or pops for it; an output
+    freed on another thread (a tensor handed to a data-loader or logging thread) lowers its owner's count, and the
+    owner pops at its next ckptnorm call.
     """
-    if getattr(_thread_state, "live", 0) <= 0 and not in_backward():
-        top = _top_hooks()
-        if top is not None and top[0] is pack_hook:
-            torch._C._autograd._pop_saved_tensors_default_hooks()
+
+    def __init__(self):
+        self.registry: dict = {}                   # data_ptr of a live z -> Recipe (any thread)
+        self._live: dict = {}                      # thread id -> registered outputs of that thread still alive
+        self._lock = threading.Lock()
+
+    def live(self, thread=None) -> int:
+        """Registered outputs of ``thread`` (default: this one) still alive."""
+        return self._live.get(threading.get_ident() if thread is None else thread, 0)
+
+    def register(self, z: torch.Tensor, recipe: Recipe) -> None:
+        """Make consumers of ``z`` keep ``recipe`` instead of ``z`` (rules 1-2)."""
+        if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+            return  # e.g. inside torch.func transforms: z is simply kept
+        recipe.bind(z)
+        key, owner = z.data_ptr(), threading.get_ident()
+        with self._lock:
+            self.registry[key] = recipe
+            self._live[owner] = self._live.get(owner, 0) + 1
+        weakref.finalize(z, self._on_output_freed, key, recipe, owner)
+        # Only onto an empty stack (bottom), and not during a backward: autograd runs a backward on a copy of the
+        # thread's hook stack and restores the original afterwards, so a push or pop there would be lost.
+        if _top_hooks() is None and not in_backward():
+            torch._C._autograd._push_saved_tensors_default_hooks(pack_hook, unpack_hook)
+
+    def _on_output_freed(self, key, recipe, owner) -> None:
+        with self._lock:
+            if self.registry.get(key) is recipe:
+                del self.registry[key]
+            left = self._live.get(owner, 0) - 1
+            if left > 0:
+                self._live[owner] = left
+            else:
+                self._live.pop(owner, None)
+        if owner == threading.get_ident():
+            self.release_if_idle()
+
+    def release_if_idle(self) -> None:
+        """Pop this thread's hooks when none of its registered outputs is alive and they are on top of its stack.
+
+        Called when a registered z dies and at every ckptnorm forward; when a z dies under a user's hooks, during
+        a backward or on another thread, the pop waits for the next ckptnorm call on the owner thread.
+        """
+        if self.live() <= 0 and not in_backward():
+            top = _top_hooks()
+            if top is not None and top[0] is pack_hook:
+                torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+HOOKS = HookState()
 
 
 class SavedTensorsCounter(saved_tensors_hooks):

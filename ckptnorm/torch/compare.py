@@ -1,4 +1,5 @@
-"""Side-by-side comparison of the strategies: on a whole model (``compare``) or on one block (``compare_block``).
+"""Side-by-side comparison of the strategies on a whole model (``compare``; ``make_block`` builds the one-block
+model of ``ckptnorm compare --model block``).
 
 ``compare(model, example_inputs)`` runs whole training steps (forward, loss, backward; train mode; each row on its
 own deep copy of the model, so the caller's model is untouched) for:
@@ -26,101 +27,45 @@ added, since its own saved-tensor hooks hide the rest); the reduction vs ``stand
 growth during one step (on CUDA exact: ``torch.cuda.max_memory_allocated`` minus what was allocated before; on CPU
 approximate: the process's resident set size from ``/proc/self/statm``, sampled during the step after returning
 freed heap memory to the OS, minus its value before; ``None`` where ``/proc`` is missing); the median step time and
-its ratio to ``standard`` measured in the same run; the largest normwise relative gradient error vs ``standard``
-(``||g - g_std|| / ||g_std||`` per parameter).
+its ratio to ``standard`` measured in the same run; the normwise relative error of the whole gradient vs
+``standard``'s (``||g - g_std|| / ||g_std||``, all parameters as one vector).
 
-The block of ``compare_block`` is ``conv1x1 -> BatchNormAct2d -> conv1x1`` used as is (no wrapper), the unit the
-design note counts buffers for.  Saved bytes come from ``SavedTensorsCounter`` (exact, each storage once,
-parameters excluded); time is the median of repeated forward+backward steps, as a ratio to ``standard`` measured in
-the same run.
+Steps, saved bytes and times come from ``harness`` (the same step ``plan`` and the benchmarks measure).
 """
 from __future__ import annotations
 
 import copy
-import ctypes
 import gc
 import json
-import os
-import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..strategies import STRATEGY_NAMES
 from ._recompute import SavedTensorsCounter
-from .modules import BatchNormAct2d
-from .zoo import training_loss
+from .harness import as_inputs, median_times, release_free_memory, rss, training_step
 
 
-@dataclass
-class StrategyResult:
-    strategy: str
-    saved_bytes: int
-    step_seconds: float
-    max_grad_error: float   # normwise relative error of every gradient vs standard's, the largest
+def make_block(in_channels=32, channels=64, activation="leaky_relu", activation_param=None):
+    """``conv1x1 -> nn.BatchNorm2d -> activation module -> conv1x1`` in plain PyTorch: the unit the design note
+    counts buffers for (``ckptnorm compare --model block``)."""
+    from torch import nn
 
-
-def make_block(in_channels=32, channels=64, activation="leaky_relu", strategy="standard"):
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(in_channels, channels, 1, bias=False),
-        BatchNormAct2d(channels, activation=activation, strategy=strategy),
-        torch.nn.Conv2d(channels, in_channels, 1, bias=False),
-    )
-
-
-def _set_strategy(model, strategy):
-    for m in model.modules():
-        if isinstance(m, BatchNormAct2d):
-            m.strategy = strategy
-            m.inplace = False
-
-
-def _grads(model, x):
-    model.zero_grad(set_to_none=True)
-    loss = model(x).square().mean()
-    loss.backward()
-    return [p.grad.detach().clone() for p in model.parameters()]
-
-
-def compare_block(input_shape=(16, 32, 56, 56), channels=64, strategies=STRATEGY_NAMES, repeats=7,
-                  activation="leaky_relu", seed=0):
-    """Run every strategy on the same block and input; return a list of ``StrategyResult``."""
-    torch.manual_seed(seed)
-    base = make_block(input_shape[1], channels, activation)
-    x = torch.randn(input_shape)
-    results, reference = [], None
-    for strategy in strategies:
-        model = copy.deepcopy(base)
-        _set_strategy(model, strategy)
-        grads = _grads(model, x)  # warm-up: JIT, allocator
-        if reference is None:
-            reference = grads
-        error = max(float((g - r).abs().max() / r.abs().max()) for g, r in zip(grads, reference))
-        model.zero_grad(set_to_none=True)
-        with SavedTensorsCounter(exclude=[model, x]) as counter:
-            out = model(x)
-        out.square().mean().backward()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            _grads(model, x)
-            times.append(time.perf_counter() - start)
-        results.append(StrategyResult(strategy, counter.saved_bytes, statistics.median(times), error))
-    return results
-
-
-def format_table(results, title="") -> str:
-    base = next((r for r in results if r.strategy == "standard"), results[0])
-    lines = [title] if title else []
-    lines.append(f"{'strategy':22s} {'saved MiB':>10s} {'vs standard':>12s} {'step ms':>9s} {'time ratio':>11s} "
-                 f"{'grad err':>9s}")
-    for r in results:
-        lines.append(f"{r.strategy:22s} {r.saved_bytes / 2**20:10.2f} {r.saved_bytes / base.saved_bytes:11.1%} "
-                     f"{r.step_seconds * 1e3:9.1f} {r.step_seconds / base.step_seconds:10.2f}x "
-                     f"{r.max_grad_error:9.1e}")
-    return "\n".join(lines)
+    from ..activations import get_activation
+    act = get_activation(activation, activation_param)
+    simple = {"identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "selu": nn.SELU, "silu": nn.SiLU,
+              "gelu": nn.GELU, "hardswish": nn.Hardswish, "hardsigmoid": nn.Hardsigmoid, "mish": nn.Mish,
+              "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+    with_param = {"leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "celu": nn.CELU}
+    if act.name in simple:
+        module = simple[act.name]()
+    elif act.name in with_param:
+        module = with_param[act.name](act.param)
+    else:
+        module = nn.GELU(approximate="tanh")  # gelu_tanh, the last of ckptnorm's activations
+    return nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels), module,
+                         nn.Conv2d(channels, in_channels, 1, bias=False))
 
 
 # ----------------------------------------------------------------------------------------------- whole models
@@ -136,7 +81,7 @@ class Row:
     saved_bytes: int
     peak_bytes: int | None
     step_seconds: float
-    max_grad_error: float
+    grad_error: float         # normwise over the whole gradient vs standard's
     note: str = ""
     reduction: float = 0.0    # 1 - saved_bytes / standard's
     time_ratio: float = 1.0   # step_seconds / standard's
@@ -165,7 +110,7 @@ class Comparison:
         for r in self.rows:
             peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.2f}"
             lines.append(f"{r.name:20s} {r.saved_bytes / 2**20:10.2f} {r.reduction:10.1%} {peak:>9s} "
-                         f"{r.step_seconds * 1e3:9.1f} {r.time_ratio:10.2f}x {r.max_grad_error:9.1e}")
+                         f"{r.step_seconds * 1e3:9.1f} {r.time_ratio:10.2f}x {r.grad_error:9.1e}")
         lines.append("saved = bytes kept for backward (exact; parameters and inputs excluded); reduction and time "
                      "ratio vs standard; grad err = max normwise relative error vs standard")
         lines.append("peak = " + ("growth of torch.cuda.max_memory_allocated during one step" if m.get("device", "")
@@ -206,18 +151,6 @@ class Comparison:
         fig.tight_layout()
         fig.savefig(path, format="png", dpi=100)
         plt.close(fig)
-
-
-def _as_tuple(inputs):
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-
-
-def _loss(out):
-    loss = training_loss(out)
-    if loss is None:
-        raise TypeError("ckptnorm: compare needs a model output with floating-point tensors (a tensor, or tuples, "
-                        "lists or dicts of them); tip: wrap the model so that it returns its output tensors")
-    return loss
 
 
 _active_counter = None  # the SavedTensorsCounter of the step being measured, for torch_checkpoint's block inputs
@@ -284,41 +217,18 @@ def checkpoint_blocks(model):
     return [n for n, _ in blocks]
 
 
-def _rss():
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _malloc_trim():
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _step(model, inputs, probe=None):
-    model.zero_grad(set_to_none=True)
-    loss = _loss(model(*inputs))
-    if probe is not None:
-        probe()
-    loss.backward()
-
-
 def _peak(model, inputs, device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        _step(model, inputs)
+        training_step(model, inputs)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     model.zero_grad(set_to_none=True)
     gc.collect()
-    _malloc_trim()
-    base = _rss()
+    release_free_memory()
+    base = rss()
     if base is None:
         return None
     peak = [base]
@@ -326,16 +236,16 @@ def _peak(model, inputs, device):
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], _rss())
+            peak[0] = max(peak[0], rss())
             time.sleep(0.0005)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        _step(model, inputs, probe=lambda: peak.__setitem__(0, max(peak[0], _rss())))
+        training_step(model, inputs, probe=lambda: peak.__setitem__(0, max(peak[0], rss())))
     finally:
         done.set()
         sampler.join()
-    return max(peak[0], _rss()) - base
+    return max(peak[0], rss()) - base
 
 
 def _param_grads(model):
@@ -343,15 +253,15 @@ def _param_grads(model):
 
 
 def _grad_error(grads, reference):
-    worst = 0.0
-    for n, r in reference.items():
-        g = grads.get(n)
-        if g is None:
-            return float("inf")
-        diff = float((g.double() - r.double()).norm())
-        scale = float(r.double().norm())
-        worst = max(worst, diff / scale if scale > 0 else diff)
-    return worst
+    """Normwise relative error of the whole gradient (every parameter, in name order, as one vector): a parameter
+    whose true gradient is ~0 cannot dominate, as it would per parameter."""
+    if any(n not in grads for n in reference):
+        return float("inf")
+    names = sorted(reference)
+    got = torch.cat([grads[n].double().reshape(-1) for n in names]) if names else torch.zeros(0)
+    ref = torch.cat([reference[n].double().reshape(-1) for n in names]) if names else torch.zeros(0)
+    diff, scale = float((got - ref).norm()), float(ref.norm())
+    return diff / scale if scale > 0 else diff
 
 
 def _note(report):
@@ -390,7 +300,7 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
         raise ValueError(f"ckptnorm: repeats must be a positive int, got {repeats!r}; tip: use repeats=5")
     names = [get_strategy(s).name for s in strategies]
     names = ["standard"] + [n for n in dict.fromkeys(names) if n != "standard"]
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
     variants = []  # (row name, builder () -> (model, note))
@@ -429,7 +339,7 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
                 try:
                     m, note = build()
                     m.train()
-                    _step(m, inputs)
+                    training_step(m, inputs)
                 except Exception as exc:  # noqa: BLE001 -- whatever checkpointing the blocks breaks
                     skipped[name] = (str(exc) if isinstance(exc, _Skip) else
                                      f"the checkpointed blocks do not run ({type(exc).__name__}: "
@@ -440,36 +350,25 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
             else:
                 m, note = build()
                 m.train()
-                _step(m, inputs)  # warm-up (kernel compilation, allocator); its gradients are compared
+                training_step(m, inputs)  # warm-up (kernel compilation, allocator); its gradients are compared
             grads = _param_grads(m)
             if bar is not None:
                 bar.update()
-            m.zero_grad(set_to_none=True)
-            with SavedTensorsCounter(exclude=[m, *[t for t in inputs if isinstance(t, torch.Tensor)]]) as counter:
-                _active_counter = counter
-                try:
-                    loss = _loss(m(*inputs))
-                finally:
-                    _active_counter = None
-            loss.backward()
-            del loss
+            counter = SavedTensorsCounter(exclude=[m, *[t for t in inputs if isinstance(t, torch.Tensor)]])
+            _active_counter = counter
+            try:
+                training_step(m, inputs, counter=counter)
+            finally:
+                _active_counter = None
             if bar is not None:
                 bar.update()
             peak = _peak(m, inputs, device)
             if bar is not None:
                 bar.update()
-            times = []
-            for _ in range(repeats):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                _step(m, inputs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-                if bar is not None:
-                    bar.update()
-            measured[name] = (counter.saved_bytes, peak, statistics.median(times), grads, note)
+            (seconds,) = median_times([m], inputs, repeats)
+            if bar is not None:
+                bar.update(repeats)
+            measured[name] = (counter.saved_bytes, peak, seconds, grads, note)
             del m
     finally:
         if bar is not None:

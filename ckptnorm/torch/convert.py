@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..strategies import get_strategy
-from .graph import RewrittenForward, inline_call
+from .rewrite import rewrite_piece
 from .modules import (
     BatchNormAct1d,
     BatchNormAct2d,
@@ -286,42 +286,6 @@ def _replace_modules(root, replacements):
                 mod._modules[name] = replacements[id(child)]
 
 
-def _rewrite(piece, sites, pieces):
-    """Edit the owner's graph for its fused sites and install the generated forward (rule 2).  A site whose BN
-    output is returned by a child module (``inline_node``) first gets that child's code copied in place of its
-    call, so that the BN call and what follows it are in one graph."""
-    graph = piece.graph
-    nodes = {n.name: n for n in graph.nodes}
-    bn_nodes = {}
-    for site in sites:
-        if site.inline_node is None:
-            bn_nodes[site.name] = nodes[site.bn_node]
-            continue
-        call = nodes.pop(site.inline_node)
-        child = pieces.piece(piece.submodule(call.target))
-        copies = inline_call(graph, call, child.graph)
-        bn_nodes[site.name] = next(new for old, new in copies.items() if old.name == site.bn_node)
-    for site in sites:
-        bn, act = bn_nodes[site.name], nodes[site.activation_node]
-        passed = [nodes[name] for name in site.passed_nodes]  # Identity calls between the BN and what is fused
-        head = passed[-1] if passed else bn
-        if site.fused_residual:
-            add = nodes[site.add_node]
-            # r from the add's current arguments: r may be an earlier site's activation node, replaced since
-            residual = add.args[1] if add.args[0] is head else add.args[0]
-            with graph.inserting_before(add):
-                fused = graph.call_module(bn.target, (bn.args[0], residual))
-            fused.meta = dict(act.meta)
-            act.replace_all_uses_with(fused)
-            for node in [act, add, *reversed(passed), bn]:
-                graph.erase_node(node)
-        else:
-            act.replace_all_uses_with(head)
-            graph.erase_node(act)
-    graph.lint()
-    piece.module.forward = RewrittenForward(piece.module, graph)
-
-
 def _sync_layer(bn, process_group):
     """The ``SyncBatchNormAct*d`` equivalent of a plain BN or a ``BatchNormAct*d`` (same state, mode, devices)."""
     param = bn.weight if bn.weight is not None else bn.running_mean
@@ -439,7 +403,7 @@ def convert(model: nn.Module, strategy, *, inplace="auto", strict=False, example
             parent, _, leaf = site.activation_node.rpartition(".")
             setattr(work.get_submodule(parent) if parent else work, leaf, nn.Identity())
     for owner, owned in by_owner.items():
-        _rewrite(next(p for p in pieces.all_pieces() if p.name == owner), owned, pieces)
+        rewrite_piece(next(p for p in pieces.all_pieces() if p.name == owner), owned, pieces)
     report.rewritten = tuple(by_owner)
     if sync:
         _synchronize(work, process_group)

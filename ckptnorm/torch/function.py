@@ -1,9 +1,9 @@
 """``batch_norm_act``: the functional PyTorch entry point, and the autograd Function behind the kernel strategies.
 
 ``standard`` runs PyTorch's native ops (the baseline).  The other strategies run one autograd Function that
-hands NumPy views to the strategy (``ckptnorm.strategies``) and saves exactly what the strategy's plan keeps.
+hands NumPy views to the strategy (``ckptnorm.strategies``) and saves exactly what the strategy's decision keeps.
 Synchronized BN (a ``reducer``, training) runs every strategy, ``standard`` included, through that Function:
-PyTorch's own synchronized BN does not run on CPU tensors, and ``Standard``'s plan keeps what the native ops keep.
+PyTorch's own synchronized BN does not run on CPU tensors, and ``Standard``'s decision keeps what the native ops keep.
 
 Activation modules (any elementwise ``nn.Module`` or callable f without a kernel here, ``nn.Hardtanh(-2, 2)``, a
 user's own): z = f(BN(x) [+ r]).  Under ``checkpoint``/``efficient_checkpoint`` the Function computes y with the
@@ -14,14 +14,14 @@ strategy keeps z anyway) f simply runs after BN, recorded by autograd as in the 
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..activations import Activation, get_activation
-from ..strategies import batch_statistics, get_strategy, merged_statistics, updated_running_stats
+from ..channel_stats import batch_statistics, merged_statistics, updated_running_stats
+from ..strategies import OutputRecipe, get_strategy
 from . import _arrays, _recompute, sync
 from ._recompute import in_backward
 
@@ -29,10 +29,12 @@ from ._recompute import in_backward
 class _Config:
     """Per-call constants, passed to the Function as one non-tensor argument."""
 
-    __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats", "reducer", "module")
+    __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats", "reducer", "module",
+                 "recipe")
 
     def __init__(self, **kw):
         self.module = None  # a _recompute.ModuleCall when the activation is a module (act is then identity)
+        self.recipe = None  # set by forward when the strategy declares one (decision.recipe), taken by the caller
         for k, v in kw.items():
             setattr(self, k, v)
 
@@ -52,29 +54,31 @@ class BatchNormActFunction(torch.autograd.Function):
             _arrays.channel_values(running_var, channels, 1.0, device))
         x_arr = _arrays.activation_view(x, layout)
         r_arr = None if residual is None else _arrays.gradient_view(residual, layout)
-        plan = cfg.strategy.plan(backend, x_arr, layout, gamma, beta, cfg.act, cfg.training, cfg.eps, *running,
-                                 residual=r_arr, reducer=cfg.reducer)
+        decision = cfg.strategy.decide(backend, x_arr, layout, gamma, beta, cfg.act, cfg.training, cfg.eps,
+                                       *running, residual=r_arr, reducer=cfg.reducer)
         if cfg.training and cfg.update_stats and running_mean is not None:
-            new_mean, new_var = updated_running_stats(*running, plan.mean, plan.var, plan.count, cfg.momentum)
+            new_mean, new_var = updated_running_stats(*running, decision.mean, decision.var, decision.count,
+                                                      cfg.momentum)
             with torch.no_grad():
                 running_mean.copy_(_arrays.channel_tensor(new_mean))
                 running_var.copy_(_arrays.channel_tensor(new_var))
         # inplace_abn falling back to keeping x while writing z over it: keep a copy of x (invariant 3).
-        x_kept = x.clone() if (cfg.inplace and "x" in plan.keep) else x
+        x_kept = x.clone() if (cfg.inplace and "x" in decision.keep) else x
         out = x if cfg.inplace else torch.empty_like(x)
-        backend.normalize_act(x_arr, _arrays.activation_view(out, layout), layout, plan.mean, plan.scale, beta,
+        backend.normalize_act(x_arr, _arrays.activation_view(out, layout), layout, decision.mean, decision.scale, beta,
                               cfg.act, r_arr)
         if cfg.module is not None:  # out is y: z = f(y), no graph (forward runs without grad); "z" is never kept
             out = cfg.module.first_run(out)
         if cfg.inplace:
             ctx.mark_dirty(x)
         kept = {"x": x_kept, "z": out, "residual": residual,
-                "mean": _arrays.channel_tensor(plan.mean), "invstd": _arrays.channel_tensor(plan.invstd)}
-        ctx.save_for_backward(*(kept[name] for name in plan.keep))
-        ctx.keep, ctx.cfg, ctx.layout, ctx.count = plan.keep, cfg, layout, plan.count
+                "mean": _arrays.channel_tensor(decision.mean), "invstd": _arrays.channel_tensor(decision.invstd)}
+        ctx.save_for_backward(*(kept[name] for name in decision.keep))
+        ctx.keep, ctx.cfg, ctx.layout, ctx.count = decision.keep, cfg, layout, decision.count
         ctx.gamma, ctx.beta = gamma, beta
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        ctx.plan = plan if cfg.strategy.rematerializes_output and residual is None else None
+        if decision.recipe is not OutputRecipe.NONE:  # handed to the caller, which binds it to the returned z
+            cfg.recipe = _recompute.Recipe(x, layout, cfg, decision, beta)
         return out
 
     @staticmethod
@@ -282,7 +286,7 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     ``residual`` (a tensor like x, any strides, added before the activation: the end of a post-activation
     residual block, fused into the layer; every strategy keeps it for backward -- the block's first conv keeps it
     anyway -- and the output is never re-materialized there, see the design note's "Residual sites").
-    ``reducer``: a ``ckptnorm.strategies.Reducer`` (``ckptnorm.torch.sync.ProcessGroupReducer`` for
+    ``reducer``: a ``ckptnorm.channel_stats.Reducer`` (``ckptnorm.torch.sync.ProcessGroupReducer`` for
     torch.distributed) makes a training call synchronized BN: statistics and backward sums over every process's
     batch (which may be empty on some); ignored in eval mode.  The ``SyncBatchNormAct*d`` modules pass it.
     """
@@ -324,20 +328,14 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
             raise ValueError("ckptnorm: inplace=True needs an NCHW-contiguous or channels_last input; tip: call "
                              ".contiguous() first, or use inplace=False")
         x = x.contiguous()  # arbitrary strides: one copy, then the NCHW kernels
-    _recompute.release_hooks_if_idle()
+    _recompute.HOOKS.release_if_idle()
     cfg = _Config(strategy=strat, act=act, training=training, momentum=momentum, eps=eps, inplace=inplace,
                   update_stats=not recomputing, reducer=reducer,
                   module=None if fn is None else _recompute.ModuleCall(fn))
     z = BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, cfg)
-    if strat.rematerializes_output and residual is None and z.requires_grad and x.numel():
-        node = z.grad_fn  # the Function's ctx: holds the layout, plan and beta of this call
-        plan = node.plan
-        if reducer is not None and "mean" not in plan.keep:
-            # A synced checkpoint's recipe reuses the forward's global statistics (two per-channel arrays) rather
-            # than recomputing local ones, which would be wrong, or gathering them again: whether a consumer's
-            # backward recomputes z or reuses a live copy depends on object lifetimes, which may differ between
-            # processes, so an exchange there could pair up differently on each and deadlock.
-            plan = copy.copy(plan)
-            plan.keep = plan.keep + ("mean", "invstd")
-        _recompute.register(z, _recompute.Recipe(z, x, node.layout, cfg, plan, node.beta))
+    # The recipe the strategy declared for this call (forward built it); taken off cfg at once, since the
+    # autograd node keeps cfg and must not hold x outside save_for_backward.
+    recipe, cfg.recipe = cfg.recipe, None
+    if recipe is not None and z.requires_grad and x.numel():
+        _recompute.HOOKS.register(z, recipe)
     return z

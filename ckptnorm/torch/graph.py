@@ -10,9 +10,10 @@ with every submodule it calls kept as a leaf, so the graph of a piece shows exac
     that failed to trace may be called there too, so its calls are complete only when every module holding it
     traced (``Pieces.untraced_parent``).  Assumed: code calls the modules it holds, not its children's children
     (``self.block.relu(x)`` from a forward that fails to trace would go unseen).
- 3. A piece may be *rewritten* (its forward replaced by code generated from its graph) only when its graphs traced in
-    training and in eval mode are the same code and its forward has no optional arguments (a default such as
-    ``mask=None`` is a Proxy while tracing, so ``if mask is not None`` would be frozen into the graph).
+ 3. A piece may be *rewritten* (its forward replaced by code generated from its graph, ``rewrite.py``) only
+    when its graphs traced in training and in eval mode are the same code and its forward has no optional
+    arguments (a default such as ``mask=None`` is a Proxy while tracing, so ``if mask is not None`` would be
+    frozen into the graph).
  4. Aliases of a tensor are the tensor, its views, and what leaf modules hand back unchanged (Identity, Dropout);
     a value returned by a piece continues at that piece's call nodes in its callers (rule 2 decides whether all
     of them are known).
@@ -25,15 +26,15 @@ from __future__ import annotations
 
 import inspect
 import operator
-import types
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from .modules import _BatchNormAct
+from .rewrite import RewrittenForward
 
-__all__ = ["Pieces", "RewrittenForward", "bn_kind", "inline_call"]
+__all__ = ["Pieces", "bn_kind"]
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -411,69 +412,3 @@ def _keeps_input(piece, user) -> bool:
         # these keep their result, not their input (an in-place one is flagged by in_place_writer first)
         return not (isinstance(mod, (nn.ReLU, nn.Sigmoid, nn.Tanh)) and not getattr(mod, "inplace", False))
     return True
-
-
-def inline_call(graph: fx.Graph, call: fx.Node, child: fx.Graph) -> dict:
-    """Replace the ``call_module`` node ``call`` of ``graph`` by a copy of ``child`` (the called module's own graph,
-    its module and attribute targets prefixed with the call's target); returns {child node: its copy}."""
-    placeholders = [n for n in child.nodes if n.op == "placeholder"]
-    env = dict(zip(placeholders, call.args))
-    result = None
-    with graph.inserting_before(call):
-        for n in child.nodes:
-            if n.op == "placeholder":
-                continue
-            if n.op == "output":
-                result = fx.map_arg(n.args[0], env.__getitem__)
-                continue
-            copy = graph.node_copy(n, env.__getitem__)
-            if n.op in ("call_module", "get_attr"):
-                copy.target = f"{call.target}.{n.target}"
-            env[n] = copy
-    call.replace_all_uses_with(result)
-    graph.erase_node(call)
-    return env
-
-
-class RewrittenForward:
-    """The forward of a rewritten piece (rule 3): code generated from its edited graph, bound to the module.
-
-    Stored as the module's instance attribute ``forward``, so the module keeps its class, methods and attributes.
-    Deep copies share the code; pickling keeps the generated source and recompiles it.
-    """
-
-    def __init__(self, module, graph: fx.Graph):
-        self.module, self.graph = module, graph  # the graph: for converting the converted model again
-        code = graph.python_code("self")
-        self.source, self.globals = code.src, code.globals
-        self._compile()
-
-    def _compile(self):
-        scope = dict(self.globals)
-        exec(compile(self.source, f"<ckptnorm rewritten {type(self.module).__name__}.forward>", "exec"), scope)
-        self.function = types.MethodType(scope["forward"], self.module)
-
-    def __call__(self, *args, **kwargs):
-        return self.function(*args, **kwargs)
-
-    def __deepcopy__(self, memo):
-        import copy
-        new = RewrittenForward.__new__(RewrittenForward)
-        new.module = copy.deepcopy(self.module, memo)
-        new.source, new.globals, new.graph = self.source, self.globals, self.graph
-        new.function = types.MethodType(self.function.__func__, new.module)
-        return new
-
-    def __getstate__(self):
-        # modules (torch, operator, ...) do not pickle: keep their names and import them again
-        names = {k: ("module", v.__name__) for k, v in self.globals.items() if isinstance(v, types.ModuleType)}
-        rest = {k: v for k, v in self.globals.items() if k not in names}
-        return {"module": self.module, "source": self.source, "globals": rest, "modules": names}
-
-    def __setstate__(self, state):
-        import importlib
-        modules = state.pop("modules", {})
-        self.__dict__.update(state)
-        self.graph = None  # not pickled: such a module is not rewritten again (its forward is not traced)
-        self.globals = dict(self.globals, **{k: importlib.import_module(n) for k, (_, n) in modules.items()})
-        self._compile()

@@ -1,9 +1,9 @@
 """``plan``: choose a strategy per BatchNorm + activation site so that a model fits a memory budget at least cost.
 
-Measurement (on deep copies, through ``convert``; the caller's model, its running statistics included, is never
-run): a full training step -- forward inside ``SavedTensorsCounter`` (parameters, buffers and the example inputs
-excluded), then ``backward`` of ``ckptnorm.torch.zoo.training_loss`` of the outputs (every output tensor: tuples,
-lists, dicts such as torchvision's segmentation ``{"out", "aux"}``) -- on
+Measurement (``harness``: the very step ``compare`` and the benchmarks measure; on deep copies, through
+``convert``; the caller's model, its running statistics included, is never run): a full training step -- forward
+and ``ckptnorm.torch.zoo.training_loss`` of the outputs inside ``SavedTensorsCounter`` (parameters, buffers and the
+example inputs excluded), then ``backward`` -- on
 
 * the baseline: every site ``standard``;
 * for every site and every strategy valid there (``inplace_abn`` only where the site's activation is invertible):
@@ -32,7 +32,6 @@ import copy
 import json
 import math
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -42,7 +41,7 @@ from ..strategies import STRATEGY_NAMES, get_strategy
 from ._recompute import SavedTensorsCounter
 from .convert import convert
 from .sites import find_sites
-from .zoo import training_loss
+from .harness import median_times, training_step
 
 __all__ = ["Plan", "PlanEntry", "plan", "choose"]
 
@@ -198,41 +197,13 @@ def _as_tuple(inputs):
                     "tip: pass e.g. torch.randn(8, 3, 224, 224)")
 
 
-def _step(model, inputs, counter=None):
-    model.zero_grad(set_to_none=True)
-    if counter is None:
-        out = model(*inputs)
-    else:
-        with counter:
-            out = model(*inputs)
-    loss = training_loss(out)
-    if loss is None:
-        raise TypeError("ckptnorm: plan needs a model output with floating-point tensors (a tensor, or tuples, lists "
-                        "or dicts of them); tip: wrap the model so that it returns its output tensor")
-    loss.backward()
-
-
 def _prepare(model, strategy_dict, inputs, inplace):
     """A converted training copy and its exact saved bytes (the counted run is also its warm-up)."""
     m = convert(model, strategy_dict, inplace=inplace)
     m.train()
     counter = SavedTensorsCounter(exclude=[m, *inputs])
-    _step(m, inputs, counter)
+    training_step(m, inputs, counter=counter, tool="plan")
     return m, counter.saved_bytes
-
-
-def _timed_rounds(models, inputs, repeats, setups=None):
-    """Median step time of each model, round-robin; ``setups[k]()`` (if given) runs before model k's step and returns
-    the model to step (untimed)."""
-    times = [[] for _ in models]
-    for _ in range(repeats):
-        for k, m in enumerate(models):
-            if setups is not None:
-                m = setups[k]()
-            start = time.perf_counter()
-            _step(m, inputs)
-            times[k].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def _set_module(root, qualname, module):
@@ -271,7 +242,7 @@ def _measure_swapping(copies, sites, alts_of, inputs, repeats):
         handle = None if layer is None else layer.register_forward_pre_hook(lambda *_: ran.append(True))
         try:
             counter = SavedTensorsCounter(exclude=[m, *inputs])
-            _step(m, inputs, counter)
+            training_step(m, inputs, counter=counter, tool="plan")
         finally:
             if handle is not None:
                 handle.remove()
@@ -298,7 +269,7 @@ def _measure_swapping(copies, sites, alts_of, inputs, repeats):
                 nbytes.append(counted(setup(), layer))  # also the candidate's warm-up
         finally:
             _set_module(base, site.name, own)
-        medians = _timed_rounds([base] * len(layers), inputs, repeats, setups)
+        medians = median_times([base] * len(layers), inputs, repeats, setups=setups, tool="plan")
         _set_module(base, site.name, own)
         baseline_times.append(medians[0])
         cand = {BASELINE: (0, 0.0)}
@@ -378,7 +349,7 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
         for site in sites:
             alts = alts_of(site)
             prepared = [_prepare(model, {site.name: n, "*": BASELINE}, inputs, inplace) for n in alts]
-            medians = _timed_rounds([baseline] + [m for m, _ in prepared], inputs, repeats)
+            medians = median_times([baseline] + [m for m, _ in prepared], inputs, repeats, tool="plan")
             baseline_times.append(medians[0])
             cand = {BASELINE: (0, 0.0)}
             for n, (_, nbytes), med in zip(alts, prepared, medians[1:]):
@@ -386,7 +357,7 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
             candidates[site.name] = cand
             del prepared
     if not baseline_times:
-        baseline_times = _timed_rounds([baseline], inputs, repeats)
+        baseline_times = median_times([baseline], inputs, repeats, tool="plan")
     del baseline
     baseline_time = statistics.median(baseline_times)
     budget_bytes = _budget_bytes(budget, baseline_bytes)

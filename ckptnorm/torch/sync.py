@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..strategies import Reducer
+from ..channel_stats import Reducer
 
 __all__ = ["ProcessGroupReducer", "SyncBatchNormError", "SyncFallbackWarning", "EmptyBatchBackend",
            "reducer_for", "deepcopy_keeping_groups"]

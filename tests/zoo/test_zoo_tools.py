@@ -208,3 +208,30 @@ def test_reference_trace_is_reused():
     assert check_equivalence(model, copy.deepcopy(model), _x(), reference=ref).max == 0.0
     with pytest.raises(ValueError):
         check_equivalence(model, copy.deepcopy(model), _x(), steps=2, reference=ref)
+
+
+# -- the savings benchmark (README's table) -------------------------------------------------------------------------
+def test_zoo_savings_benchmark_measures_and_predicts(tmp_path, capsys):
+    """``python -m benchmarks.zoo_savings`` on one small model, RSS subprocesses included: the exact saving, the
+    prediction within 5% of it, the RSS held in fresh processes, and the markdown table."""
+    import json
+    import os
+    import sys
+    require("timm")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, root)
+    try:
+        from benchmarks import zoo_savings
+    finally:
+        sys.path.remove(root)
+    out = tmp_path / "savings.json"
+    assert zoo_savings.main(["--models", "timm:resnet10t=efficient_checkpoint", "--input", "2x3x64x64",
+                             "--repeats", "1", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["sites_applied"] == r["sites"] > 0
+    assert 0 < r["saved_bytes_converted"] < r["saved_bytes_original"]
+    assert abs(r["prediction_deviation"]) <= 0.05
+    assert r["rss_held_original"] > 0 and r["rss_held_converted"] > 0
+    # RSS sees what the exact count sees, within allocator slack
+    assert abs(r["rss_saving"] - r["saving"]) <= 0.1, (r["rss_saving"], r["saving"])
+    assert "| timm:resnet10t | efficient_checkpoint |" in capsys.readouterr().out
