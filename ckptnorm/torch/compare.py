@@ -112,7 +112,7 @@ class Comparison:
             lines.append(f"{r.name:20s} {r.saved_bytes / 2**20:10.2f} {r.reduction:10.1%} {peak:>9s} "
                          f"{r.step_seconds * 1e3:9.1f} {r.time_ratio:10.2f}x {r.grad_error:9.1e}")
         lines.append("saved = bytes kept for backward (exact; parameters and inputs excluded); reduction and time "
-                     "ratio vs standard; grad err = max normwise relative error vs standard")
+                     "ratio vs standard; grad err = normwise relative error of the whole gradient vs standard")
         lines.append("peak = " + ("growth of torch.cuda.max_memory_allocated during one step" if m.get("device", "")
                                   .startswith("cuda") else "growth of the process RSS during one step "
                                   "(approximate: sampled, allocator-dependent)"))
