@@ -242,12 +242,19 @@ def test_ddp_training_step_matches_single_process(tmp_path):
 
 
 # -- failures: a rank that exits or stalls ends the others with a ckptnorm error, within the group's timeout ----------
-FAIL_TIMEOUT_S = 2
+FAIL_TIMEOUT_S = 2    # the group under test: a failure must surface within this + 5 s
+SETUP_TIMEOUT_S = 60  # everything else: ranks start seconds apart on a loaded 2-core machine
 
 
 def _failing_rank(rank, world, store, how):
-    _init(rank, world, store, FAIL_TIMEOUT_S)
-    layer = SyncBatchNormAct2d(CHANNELS, strategy="efficient_checkpoint")
+    _init(rank, world, store, SETUP_TIMEOUT_S)
+    # Kernels compiled (or loaded from the cache) before anything is timed: a rank still compiling while the other
+    # waits would look like the stall under test.
+    warm = BatchNormAct2d(CHANNELS, strategy="efficient_checkpoint")
+    warm(torch.randn(2, CHANNELS, 3, 3, requires_grad=True)).sum().backward()
+    group = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=FAIL_TIMEOUT_S))
+    dist.barrier()  # both ranks ready (default group, long timeout): only what follows is under test
+    layer = SyncBatchNormAct2d(CHANNELS, strategy="efficient_checkpoint", process_group=group)
     x = torch.randn(2, CHANNELS, 3, 3, requires_grad=True)
     if rank == 1:
         if how == "exit_before_backward":
