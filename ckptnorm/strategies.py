@@ -10,8 +10,9 @@ Math (one channel, m elements; derivation in docs/design.md):
               dx = gamma * invstd * (dy - dbeta / m) - (y - beta) * invstd * S / (gamma * m)
     residual  z = phi(y + r) (end of a post-activation residual block): phi' is taken at y + r, from z
               y = phi^-1(z) - r, and the residual's gradient is dr = dy.  Every strategy keeps r (the block's
-              input, which its first conv keeps anyway), and z is never re-materialized: it is the next block's
-              residual, so recomputing it would need that block's input too, and so on down the network.
+              input, which its first conv keeps anyway).  Where z is re-materialized (checkpoint,
+              efficient_checkpoint), its recipe needs r too, which is often the previous block's re-materialized
+              output: a chain of recipes, bounded in length by the adapter (docs/design.md, section 4).
 
 A strategy decides what is kept between forward and backward and which of the two backward paths runs.  It is
 framework-agnostic: arrays are NumPy views handed over by an adapter (``ckptnorm.torch``), and every pass over the
@@ -122,7 +123,7 @@ class Strategy:
 
     def output_recipe(self, training: bool, synced: bool, residual: bool) -> OutputRecipe:
         """What consumers of this call's z keep instead of z: ``OutputRecipe.NONE`` unless the strategy keeps x
-        and rematerializes z.  A residual site's z is never rematerialized (it is the next block's residual)."""
+        and rematerializes z.  At a residual site (``residual``) the recipe also holds r (or r's own recipe)."""
         return OutputRecipe.NONE
 
     @property
@@ -218,8 +219,6 @@ class Checkpoint(Strategy):
     recomputes = ("mean", "var", "y", "z")
 
     def output_recipe(self, training, synced, residual):
-        if residual:
-            return OutputRecipe.NONE
         # Eval mode has no batch statistics to recompute.  Synced: recomputing would need an exchange whose timing
         # depends on object lifetimes, which may differ between processes (deadlock): reuse the global ones.
         if not training or synced:
@@ -240,7 +239,7 @@ class EfficientCheckpoint(Strategy):
     recomputes = ("y", "z")
 
     def output_recipe(self, training, synced, residual):
-        return OutputRecipe.NONE if residual else OutputRecipe.REUSE_STATISTICS
+        return OutputRecipe.REUSE_STATISTICS
 
 
 class InplaceABN(Strategy):

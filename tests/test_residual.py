@@ -1,8 +1,9 @@
 """Residual sites: z = phi(BN(x) + r) fused into one layer (design note, "Residual sites").
 
 Checked against (a) the float64 NumPy reference with a residual, (b) PyTorch's own BN -> add -> act, (c) exact bytes
-kept by a post-activation block (standard 5 buffers, efficient_checkpoint 4, inplace_abn 3), and through ``convert``
-on a post-activation ResNet with projection shortcuts (a BN on both sides of the add).
+kept by a post-activation block (standard 5 buffers, the other strategies 3) and by a stage of such blocks (the chain
+of recipes, rule 6 of ``_recompute``), and through ``convert`` on a post-activation ResNet with projection shortcuts
+(a BN on both sides of the add).
 """
 from __future__ import annotations
 
@@ -170,11 +171,11 @@ class PostActBlock(nn.Module):
         return self.head(F.leaky_relu(out + r, 0.01))
 
 
-@pytest.mark.parametrize("strategy,buffers", [("standard", 5), ("checkpoint", 4), ("efficient_checkpoint", 4),
+@pytest.mark.parametrize("strategy,buffers", [("standard", 5), ("checkpoint", 3), ("efficient_checkpoint", 3),
                                               ("inplace_abn", 3)])
 def test_postact_block_saved_bytes(strategy, buffers):
-    """Per buffer B (the block input r included): standard keeps r, x1, z1, x2, z2; the recompute strategies drop
-    z1 but must keep z2 (the next block's residual); inplace_abn keeps r, z1, z2 (each written over its x)."""
+    """Per buffer B (the block input r included): standard keeps r, x1, z1, x2, z2; the recompute strategies keep
+    r, x1, x2 (z2's recipe holds x2 and r, both kept anyway); inplace_abn keeps r, z1, z2."""
     torch.manual_seed(0)
     model = convert(PostActBlock(8), strategy)
     assert model.ckptnorm_report[1].reason.startswith("residual site: add and activation fused")
@@ -229,8 +230,9 @@ def test_postact_resnet_converted_gradients_match(strategy):
                                trained.state_dict()["layer2.0.bn2.running_var"])
 
 
-def test_postact_resnet_inplace_abn_saves_more_than_efficient_checkpoint():
-    """The design note's consequence: at residual sites only inplace_abn saves (efficient keeps x and z there)."""
+def test_postact_resnet_recompute_and_inplace_abn_keep_one_buffer_per_site():
+    """At residual sites too, efficient_checkpoint keeps x (z's recipe holds x and r) and inplace_abn keeps z: the
+    two differ by per-channel statistics only (efficient_checkpoint keeps the mean as well)."""
     torch.manual_seed(0)
     model = postact_resnet(depth=8, width=8)
     x = torch.randn(2, 3, 16, 16)
@@ -241,8 +243,81 @@ def test_postact_resnet_inplace_abn_saves_more_than_efficient_checkpoint():
             loss = conv(x).sum()
         saved[strategy] = counter.saved_bytes
         loss.backward()
-    assert saved["inplace_abn"] < saved["efficient_checkpoint"] < saved["standard"]
-    assert saved["inplace_abn"] < 0.6 * saved["standard"]
+    channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert saved["efficient_checkpoint"] - saved["inplace_abn"] == channels * 8  # the float64 mean per channel
+    assert saved["efficient_checkpoint"] < 0.6 * saved["standard"]
+
+
+# -- a stage of residual blocks: the chain of recipes (rule 6 of _recompute) ------------------------------------------
+class ReluBlock(nn.Module):
+    """conv -> BN -> leaky -> conv -> BN -> +r -> ReLU: ReLU after the add is not invertible (timm's TResNet)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, r):
+        out = self.bn2(self.conv2(F.leaky_relu(self.bn1(self.conv1(r)), 0.01)))
+        return F.relu(out + r)
+
+
+def _stage(blocks, c=4):
+    torch.manual_seed(0)
+    return _randomized(nn.Sequential(*[ReluBlock(c) for _ in range(blocks)], nn.Conv2d(c, c, 1, bias=False)))
+
+
+def _saved_buffers(model, shape=(2, 4, 8, 8), dtype=torch.float32):
+    r = torch.randn(shape, dtype=dtype, requires_grad=True)
+    inp = r * 1
+    with SavedTensorsCounter(exclude=[model, r]) as counter:
+        out = model(inp)
+    buffer = inp.numel() * inp.element_size()
+    out.sum().backward()
+    return counter.saved_bytes / buffer
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "efficient_checkpoint"])
+def test_residual_chain_keeps_one_buffer_per_site(strategy):
+    """n blocks keep the stage input and x1, x2 per block: 1 + 2n buffers, not 1 + 3n (without the chain: each
+    block's output kept as well) nor the original's 1 + 5n (x1, y1 and z1 of the out-of-place leaky_relu, x2, z2)."""
+    blocks = 5
+    conv = convert(_stage(blocks), strategy)
+    assert sum(d.reason.startswith("residual site") for d in conv.ckptnorm_report) == blocks
+    assert int(_saved_buffers(conv)) == 1 + 2 * blocks
+    assert int(_saved_buffers(_stage(blocks))) == 1 + 5 * blocks
+
+
+def test_residual_chain_longer_than_the_bound_keeps_one_output_in_so_many(monkeypatch):
+    from ckptnorm.torch import _recompute
+    monkeypatch.setattr(_recompute, "MAX_RESIDUAL_CHAIN", 2)
+    blocks = 5  # chain depths 1, 2, 3 (over the bound: its output is kept, the next chain starts), 1, 2
+    assert int(_saved_buffers(convert(_stage(blocks), "efficient_checkpoint"))) == 1 + 2 * blocks + 1
+
+
+@pytest.mark.parametrize("bound", [16, 2])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_residual_chain_gradients_equal_the_original_in_float64(strategy, bound, monkeypatch):
+    """The whole gradient, outputs and running statistics of a 4-block stage, recomputed through the chain (and
+    through a chain cut by the bound), equal the unconverted stage's in float64."""
+    from ckptnorm.torch import _recompute
+    monkeypatch.setattr(_recompute, "MAX_RESIDUAL_CHAIN", bound)
+    model = _stage(4).double()
+    conv = convert(model, strategy)  # inplace_abn: the ReLU sites fall back to efficient_checkpoint
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads, outs = [], []
+    for m in (model, conv):
+        m.train()
+        out = m(x * 1)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+        outs.append(out.detach())
+    assert (grads[1] - grads[0]).norm() <= 1e-10 * grads[0].norm()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for name, buf in model.state_dict().items():
+        torch.testing.assert_close(conv.state_dict()[name], buf, rtol=1e-12, atol=1e-12)
 
 
 def test_module_takes_a_residual():

@@ -19,6 +19,12 @@ unpacks it.  This is done with PyTorch's saved-tensor hooks, without any wrapper
  5. Autograd skips its in-place (version) check for saved tensors when hooks are installed, so tensors passing
     through our hooks are wrapped in ``Kept``, which makes that check on unpack (and holds a detached alias: see
     ``Kept``).
+ 6. At a residual site, z = phi(BN(x) + r) needs r as well.  The recipe holds r the way a consumer would: the
+    recipe of r when r is itself a registered output (the previous block's, typically), else r itself (kept by
+    the site anyway).  So a stage of residual blocks keeps one buffer per block, and recomputing a block's output
+    walks back the chain of recipes.  The chain is at most ``MAX_RESIDUAL_CHAIN`` long: a longer one would make
+    backward's recomputation quadratic in the stage's depth, so the output that would extend it is not registered
+    (its consumers keep it) and the next chain starts there.
 
 Users composing their own saved-tensor hooks can call ``pack_hook``/``unpack_hook`` inside theirs to keep the
 saving; ``SavedTensorsCounter`` below does exactly that to measure what is kept.
@@ -158,12 +164,21 @@ def describe_callable(fn) -> str:
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
 
 
-class Recipe:
-    """How to recompute one output z from its input x (what a consumer keeps instead of z), built in forward from
-    the strategy's declared ``decision.recipe`` and bound to z by ``HookState.register``."""
+# Rule 6: the longest chain of residual-site recipes.  Recomputing the output at depth d costs d elementwise passes,
+# so a stage of n blocks costs at most n * MAX_RESIDUAL_CHAIN passes in backward and keeps n / MAX_RESIDUAL_CHAIN
+# outputs more than the chain would.  16 covers every stage of the common ResNets but ResNet-101/152's third.
+MAX_RESIDUAL_CHAIN = 16
 
-    def __init__(self, x, layout, cfg, decision, beta):
+
+class Recipe:
+    """How to recompute one output z from its input x [and residual r] (what a consumer keeps instead of z), built
+    in forward from the strategy's declared ``decision.recipe`` and bound to z by ``HookState.register``."""
+
+    def __init__(self, x, layout, cfg, decision, beta, residual=None):
         self.z_ref = self.z_version = self.z_meta = None
+        # rule 6: r's own recipe when r is a registered output, else r itself (version-checked like a saved tensor)
+        self.residual = None if residual is None else (HOOKS.recipe_of(residual) or Kept(residual))
+        self.depth = 0 if residual is None else 1 + getattr(self.residual, "depth", 0)
         self.x = x.detach()
         self.x_version = x._version
         self.layout, self.act, self.eps = layout, cfg.act, cfg.eps
@@ -192,7 +207,7 @@ class Recipe:
                 and (t.shape, t.stride(), t.dtype, t.device) == self.z_meta)
 
     def kept_tensors(self):
-        return (self.x,)
+        return (self.x,) + (() if self.residual is None else self.residual.kept_tensors())
 
     def materialize(self) -> torch.Tensor:
         z = self.z_ref()
@@ -213,9 +228,13 @@ class Recipe:
             from ckptnorm.channel_stats import batch_statistics
             mean, _, invstd, _, _ = batch_statistics(backend, x_arr, self.layout, self.eps)
             scale = self.gamma_over_invstd * invstd
+        r_arr = None
+        if self.residual is not None:  # rule 6: r recomputed first when it is itself a recipe
+            r_arr = _arrays.gradient_view(self.residual.materialize(), self.layout)
         z = torch.empty_like(self.x)
         backend.normalize_act(x_arr, _arrays.activation_view(z, self.layout), self.layout, mean, scale, self.beta,
-                              self.act)
+                              self.act, r_arr)
+        del r_arr  # r (a recomputed one included) is not held past this call
         if self.module is not None:
             z = self.module.rerun(z)
         self._last = weakref.ref(z)
@@ -250,13 +269,7 @@ class Kept:
 
 def pack_hook(t):
     """Saved-tensor pack hook: a registered, unchanged output z becomes its ``Recipe``; anything else is kept."""
-    try:
-        recipe = HOOKS.registry.get(t.data_ptr())
-    except RuntimeError:  # tensors without storage (e.g. some subclasses) are never ours
-        recipe = None
-    if recipe is not None and recipe.matches(t):
-        return recipe
-    return Kept(t)
+    return HOOKS.recipe_of(t) or Kept(t)
 
 
 def unpack_hook(packed):
@@ -289,6 +302,14 @@ class HookState:
     def live(self, thread=None) -> int:
         """Registered outputs of ``thread`` (default: this one) still alive."""
         return self._live.get(threading.get_ident() if thread is None else thread, 0)
+
+    def recipe_of(self, t: torch.Tensor):
+        """The recipe of ``t`` when it is a registered output, unchanged since forward (rule 3), else None."""
+        try:
+            recipe = self.registry.get(t.data_ptr())
+        except RuntimeError:  # tensors without storage (e.g. some subclasses) are never ours
+            return None
+        return recipe if recipe is not None and recipe.matches(t) else None
 
     def register(self, z: torch.Tensor, recipe: Recipe) -> None:
         """Make consumers of ``z`` keep ``recipe`` instead of ``z`` (rules 1-2)."""

@@ -163,7 +163,7 @@ def _decide(site, requested, inplace, strict):
     if site.inline_node is not None:
         notes.append(f"{site.inlined} returns the BN output: its code is inlined into {site.owner or 'the model'}'s "
                      "rewritten forward")
-    elif site.residual:
+    elif site.residual and not site.fused_residual:
         notes.append(f"residual site not fused: {site.rewrite_blocked or 'no ckptnorm kernel for ' + site.unfused}")
     elif site.unfused:
         why = site.rewrite_blocked or "no ckptnorm kernel for it"
@@ -199,8 +199,6 @@ def _decide(site, requested, inplace, strict):
                              "site, or pass strict=False to fall back automatically")
         applied = FALLBACK
         notes.insert(0, f"{site.in_place_writer}: {requested} would keep a modified output, fell back to {FALLBACK}")
-    if site.fused_residual and get_strategy(applied).rematerializes_output:
-        notes.append("output stays materialized (the next block's residual): saves nothing here")
     use_inplace = False
     if get_strategy(applied).may_overwrite_input:
         if inplace is False:
@@ -238,8 +236,9 @@ def _buffers_kept(site, strategy) -> int:
         return 1 + keeps_y + keeps_z
     if "z" in strat.keeps:  # inplace_abn: z alone
         return 1
-    # checkpoint / efficient_checkpoint keep x; consumers keep a recipe, except at residual sites
-    return 1 + (site.fused_residual and site.output_kept)
+    # checkpoint / efficient_checkpoint keep x; consumers keep a recipe (at residual sites one that holds r, or r's
+    # recipe: assumed here to stay within _recompute.MAX_RESIDUAL_CHAIN, beyond which one output in so many is kept)
+    return 1
 
 
 def _predicted_saving(site, applied):

@@ -78,7 +78,7 @@ class BatchNormActFunction(torch.autograd.Function):
         ctx.gamma, ctx.beta = gamma, beta
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         if decision.recipe is not OutputRecipe.NONE:  # handed to the caller, which binds it to the returned z
-            cfg.recipe = _recompute.Recipe(x, layout, cfg, decision, beta)
+            cfg.recipe = _recompute.Recipe(x, layout, cfg, decision, beta, residual)
         return out
 
     @staticmethod
@@ -285,7 +285,7 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     ``strategy`` (name, class or instance), ``inplace`` (``inplace_abn`` only: write z over x) and
     ``residual`` (a tensor like x, any strides, added before the activation: the end of a post-activation
     residual block, fused into the layer; every strategy keeps it for backward -- the block's first conv keeps it
-    anyway -- and the output is never re-materialized there, see the design note's "Residual sites").
+    anyway -- and a re-materialized output's recipe holds it too, see the design note's "Residual sites").
     ``reducer``: a ``ckptnorm.channel_stats.Reducer`` (``ckptnorm.torch.sync.ProcessGroupReducer`` for
     torch.distributed) makes a training call synchronized BN: statistics and backward sums over every process's
     batch (which may be empty on some); ignored in eval mode.  The ``SyncBatchNormAct*d`` modules pass it.
@@ -336,6 +336,6 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     # The recipe the strategy declared for this call (forward built it); taken off cfg at once, since the
     # autograd node keeps cfg and must not hold x outside save_for_backward.
     recipe, cfg.recipe = cfg.recipe, None
-    if recipe is not None and z.requires_grad and x.numel():
+    if recipe is not None and z.requires_grad and x.numel() and recipe.depth <= _recompute.MAX_RESIDUAL_CHAIN:
         _recompute.HOOKS.register(z, recipe)
     return z
