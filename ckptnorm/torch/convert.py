@@ -16,9 +16,9 @@ loads with ``strict=True``.  Rules (``sites`` and ``graph`` hold the analysis be
  4. A site ckptnorm cannot prove it computes identically (a norm-act module with a drop layer, an activation it
     cannot run, a frozen BN) is left as it was, with the reason in ``ckptnorm_report``.
 
-Residual sites: there ``inplace_abn`` keeps z only (plus r, which the block's first conv keeps anyway), while
-``checkpoint`` and ``efficient_checkpoint`` keep x and leave z materialized -- it is the next block's input and
-residual -- so they save nothing at residual sites (docs, "Residual sites"); the report says so.
+Residual sites: there ``inplace_abn`` keeps z only (plus r, which the block's first conv keeps anyway), and
+``checkpoint`` and ``efficient_checkpoint`` keep x, the consumers of z a recipe that holds r or r's own recipe (the
+previous block's): one buffer per residual site either way (docs, "Residual sites").
 
 ``convert_sync`` (and ``convert(..., sync=True)``) makes every BatchNorm layer synchronized across the processes of
 a torch.distributed group: ``BatchNormAct*d`` become ``SyncBatchNormAct*d`` (same strategy and activation), plain
