@@ -470,10 +470,12 @@ def test_strategies_declare_the_output_recipe():
     expected = {  # (training, synced, residual) -> recipe
         "standard": {k: R.NONE for k in [(True, False, False), (False, False, False), (True, True, False)]},
         "inplace_abn": {k: R.NONE for k in [(True, False, False), (False, False, False), (True, True, False)]},
+        # residual sites too (the recipe then holds r or r's recipe: rule 6 of _recompute)
         "checkpoint": {(True, False, False): R.RECOMPUTE_STATISTICS, (False, False, False): R.REUSE_STATISTICS,
-                       (True, True, False): R.REUSE_STATISTICS, (True, False, True): R.NONE},
+                       (True, True, False): R.REUSE_STATISTICS, (True, False, True): R.RECOMPUTE_STATISTICS,
+                       (True, True, True): R.REUSE_STATISTICS},
         "efficient_checkpoint": {(True, False, False): R.REUSE_STATISTICS, (False, False, False): R.REUSE_STATISTICS,
-                                 (True, True, False): R.REUSE_STATISTICS, (True, False, True): R.NONE},
+                                 (True, True, False): R.REUSE_STATISTICS, (True, False, True): R.REUSE_STATISTICS},
     }
     for name, cases in expected.items():
         for args, recipe in cases.items():
