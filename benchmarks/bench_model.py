@@ -1,4 +1,4 @@
-"""Whole training steps of the built-in default model (``ckptnorm.models.get_model()``, a pre-activation ResNet with
+"""Whole training steps of the built-in default model (``ckptnorm.torch.models.get_model()``, a pre-activation ResNet with
 LeakyReLU), as written (``original``) and converted to each strategy, like the rows of ``ckptnorm compare``."""
 from .common import MODEL_INPUT, STRATEGIES, make_model, model_input, train_step
 

@@ -81,9 +81,9 @@ def layer_saved_bytes(layer, x):
 
 
 def make_model(variant, seed=0):
-    """The built-in default model (``ckptnorm.models.get_model()``): as written (``original``) or converted to a
+    """The built-in default model (``ckptnorm.torch.models.get_model()``): as written (``original``) or converted to a
     ckptnorm strategy with ``ckptnorm.torch.convert``, as ``ckptnorm compare`` builds its rows."""
-    from ckptnorm.models import get_model
+    from ckptnorm.torch.models import get_model
     from ckptnorm.torch import convert
     torch.manual_seed(seed)
     model = get_model()

@@ -134,7 +134,7 @@ def _build_model(parser, name, shape):
             parser.exit(2, f"{str(exc).splitlines()[0]}\n")
         return model.train(), x
     shape = shape or _MODEL_INPUT
-    from .models import get_model
+    from .torch.models import get_model
     try:
         torch.manual_seed(0)
         model = get_model(name)

@@ -155,35 +155,28 @@ class CUDABackend(Backend):
         return self._sums(kernels.reduce_from_output_partials, z, dz, layout,
                           (beta, act.kernel_code, float(act.param)), residual, None)
 
-    def _dx_operands(self, xk, dz, dx, residual, dres):
-        """Kernel arguments ``dz, dx, residual, has_residual, dres, has_dres`` of the dx kernels (stand-ins: dz for
-        the residual, dx for dres -- their usual types)."""
-        dzk, dxk = self._arg(dz), self._arg(dx)
-        return (dzk, dxk, *self._optional(residual, dzk, xk, "residual"), *self._optional(dres, dxk, xk, "dres"))
+    def _dx(self, kernel, src, dz, dx, layout, channel_args, act, coefs, residual, dres):
+        """Launch a dx kernel: ``kernel(src, dz, dx, channels_last, *channel_args, kind, p, *coefs, residual,
+        has_residual, dres, has_dres)`` over every element (stand-ins: dz for the residual, dx for dres -- their
+        usual types)."""
+        cl = _channels_last(layout)
+        srck, dzk, dxk = self._arg(src), self._arg(dz), self._arg(dx)
+        optional = (*self._optional(residual, dzk, srck, "residual"), *self._optional(dres, dxk, srck, "dres"))
+        total = int(np.prod(srck.shape))
+        if total == 0:
+            return
+        self._launch(kernel, geometry.elementwise_blocks(total), srck, dzk, dxk, cl,
+                     *(self._arg(a) for a in channel_args), act.kernel_code, float(act.param),
+                     *(self._arg(k) for k in coefs), *optional)
 
     def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const, residual=None,
                       dres=None):
-        cl = _channels_last(layout)
-        xk = self._arg(x)
-        dzk, dxk, rk, has_r, dresk, has_dres = self._dx_operands(xk, dz, dx, residual, dres)
-        total = int(np.prod(xk.shape))
-        if total == 0:
-            return
-        self._launch(kernels.dx_from_input, geometry.elementwise_blocks(total),
-                     xk, dzk, dxk, cl, self._arg(mean), self._arg(scale), self._arg(beta),
-                     act.kernel_code, float(act.param),
-                     self._arg(coef_dy), self._arg(coef_u), self._arg(coef_const), rk, has_r, dresk, has_dres)
+        self._dx(kernels.dx_from_input, x, dz, dx, layout, (mean, scale, beta), act, (coef_dy, coef_u, coef_const),
+                 residual, dres)
 
     def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const, residual=None, dres=None):
-        cl = _channels_last(layout)
-        zk = self._arg(z)
-        dzk, dxk, rk, has_r, dresk, has_dres = self._dx_operands(zk, dz, dx, residual, dres)
-        total = int(np.prod(zk.shape))
-        if total == 0:
-            return
-        self._launch(kernels.dx_from_output, geometry.elementwise_blocks(total),
-                     zk, dzk, dxk, cl, self._arg(beta), act.kernel_code, float(act.param),
-                     self._arg(coef_dy), self._arg(coef_u), self._arg(coef_const), rk, has_r, dresk, has_dres)
+        self._dx(kernels.dx_from_output, z, dz, dx, layout, (beta,), act, (coef_dy, coef_u, coef_const), residual,
+                 dres)
 
     # -- host copies --------------------------------------------------------------------------------------------
     def to_host(self, array):

@@ -152,6 +152,28 @@ def normalize_act(x, out, channels_last, mean, scale, beta, kind, p, residual, h
         a0, a1, a2 = _advance3(a0, a1, a2, b0, b1, b2, d1, d2)
 
 
+# -- what every backward kernel computes per element ---------------------------------------------------------------
+# Element (n, c, s) of the memory-order views (``_load`` maps it to the layout); device functions are inlined by
+# the CUDA compiler, so the reduction and the dx kernels share this at no cost.
+@cuda.jit(device=True, **_jit)
+def _dy_from_input(x, dz, residual, has_residual, n, c, s, channels_last, m, a, bt, kind, p):
+    """(dy, u): u = x - mean, dy = dz * phi'(u * scale + beta [+ r])."""
+    u = _load(x, n, c, s, channels_last) - m
+    y = u * a + bt
+    if has_residual:  # a uniform branch: without it, no load of the stand-in
+        y += _load(residual, n, c, s, channels_last)
+    return _load(dz, n, c, s, channels_last) * _act_grad(y, kind, p), u
+
+
+@cuda.jit(device=True, **_jit)
+def _dy_from_output(z, dz, residual, has_residual, n, c, s, channels_last, kind, p):
+    """(dy, y): y = phi^-1(z) [- r], dy = dz * phi' at the pre-activation (taken from z)."""
+    y, g = _act_inverse(_load(z, n, c, s, channels_last), kind, p)
+    if has_residual:
+        y -= _load(residual, n, c, s, channels_last)
+    return _load(dz, n, c, s, channels_last) * g, y
+
+
 # -- backward reduction from the input x (y and xhat recomputed on the fly) ----------------------------------------
 @cuda.jit(**_jit)
 def reduce_from_input_partials(x, dz, channels_last, mean, scale, beta, kind, p, residual, has_residual, tile, n_part,
@@ -166,12 +188,7 @@ def reduce_from_input_partials(x, dz, channels_last, mean, scale, beta, kind, p,
     if c < channels and spatial > 0:
         m, a, bt = float64(mean[c]), float64(scale[c]), float64(beta[c])
         while n < n_batch:
-            # u = x - mean, y = u * scale + beta, dy = dz * phi'(y [+ r])
-            u = _load(x, n, c, s, channels_last) - m
-            y = u * a + bt
-            if has_residual:
-                y += _load(residual, n, c, s, channels_last)
-            dy = _load(dz, n, c, s, channels_last) * _act_grad(y, kind, p)
+            dy, u = _dy_from_input(x, dz, residual, has_residual, n, c, s, channels_last, m, a, bt, kind, p)
             s_dy += dy
             s_dyu += dy * u
             n, s = _advance2(n, s, dn, ds, spatial)
@@ -193,11 +210,7 @@ def reduce_from_output_partials(z, dz, channels_last, beta, kind, p, residual, h
     if c < channels and spatial > 0:
         bt = float64(beta[c])
         while n < n_batch:
-            # y = phi^-1(z) [- r], g = phi' at the pre-activation, from z; dy = dz * g
-            y, g = _act_inverse(_load(z, n, c, s, channels_last), kind, p)
-            if has_residual:
-                y -= _load(residual, n, c, s, channels_last)
-            dy = _load(dz, n, c, s, channels_last) * g
+            dy, y = _dy_from_output(z, dz, residual, has_residual, n, c, s, channels_last, kind, p)
             s_dy += dy
             s_dyy += dy * (y - bt)
             n, s = _advance2(n, s, dn, ds, spatial)
@@ -216,12 +229,9 @@ def dx_from_input(x, dz, dx, channels_last, mean, scale, beta, kind, p, coef_dy,
     a0, a1, a2 = _split3(i, d1, d2)
     b0, b1, b2 = _split3(step, d1, d2)
     while a0 < d0:
-        c = a2 if channels_last else a1
-        u = widen(x[a0, a1, a2]) - float64(mean[c])
-        y = u * float64(scale[c]) + float64(beta[c])
-        if has_residual:
-            y += widen(residual[a0, a1, a2])
-        dy = widen(dz[a0, a1, a2]) * _act_grad(y, kind, p)
+        c, s = (a2, a1) if channels_last else (a1, a2)
+        dy, u = _dy_from_input(x, dz, residual, has_residual, a0, c, s, channels_last, float64(mean[c]),
+                               float64(scale[c]), float64(beta[c]), kind, p)
         # every load above precedes both stores: dx or dres may alias x or dz
         dx[a0, a1, a2] = narrow(float64(coef_dy[c]) * dy + float64(coef_u[c]) * u + float64(coef_const[c]), dx)
         if has_dres:
@@ -240,11 +250,8 @@ def dx_from_output(z, dz, dx, channels_last, beta, kind, p, coef_dy, coef_u, coe
     a0, a1, a2 = _split3(i, d1, d2)
     b0, b1, b2 = _split3(step, d1, d2)
     while a0 < d0:
-        c = a2 if channels_last else a1
-        y, g = _act_inverse(widen(z[a0, a1, a2]), kind, p)
-        if has_residual:
-            y -= widen(residual[a0, a1, a2])
-        dy = widen(dz[a0, a1, a2]) * g
+        c, s = (a2, a1) if channels_last else (a1, a2)
+        dy, y = _dy_from_output(z, dz, residual, has_residual, a0, c, s, channels_last, kind, p)
         # every load above precedes both stores: dx or dres may alias z or dz
         dx_value = float64(coef_dy[c]) * dy + float64(coef_u[c]) * (y - float64(beta[c])) + float64(coef_const[c])
         dx[a0, a1, a2] = narrow(dx_value, dx)

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ckptnorm.models import check_model_name, get_model, preact_resnet  # noqa: E402
+from ckptnorm.torch.models import check_model_name, get_model, preact_resnet  # noqa: E402
 from ckptnorm.torch.compare import Comparison, checkpoint_blocks, compare  # noqa: E402
 
 ROWS = ("original", "standard", "checkpoint", "efficient_checkpoint", "inplace_abn", "torch_checkpoint")

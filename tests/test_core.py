@@ -19,16 +19,56 @@ def test_import_without_torch():
     """``import ckptnorm`` (and the reference, the CPU backend) must work where torch is not installed."""
     code = (
         "import sys; sys.modules['torch'] = None\n"  # makes `import torch` raise ImportError
-        "import ckptnorm, ckptnorm.reference, ckptnorm.backends\n"
+        "import ckptnorm, ckptnorm.reference, ckptnorm.backends, ckptnorm.planning\n"
         "import numpy as np\n"
         "be = ckptnorm.backends.get_backend('cpu')\n"
         "m, v, lo, hi = be.channel_stats(np.arange(24.0).reshape(2, 3, 4), 'ncs')\n"
         "assert 'numba.cuda' not in sys.modules, 'numba.cuda imported'\n"
+        "plan = ckptnorm.planning.solve({'a': {'standard': (0, 0.0), 'checkpoint': (-5, 1.0)}}, 10, 1.0, 6)\n"
+        "assert plan.strategies == {'a': 'checkpoint'}, plan.strategies\n"
         "print('ok', m[0])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok 7.5")
+
+
+def test_backend_registry():
+    from ckptnorm.backends import Backend, backend_names, get_backend, register_backend
+    assert get_backend("cpu") is get_backend("cpu")  # the shared default instance
+    assert {"cpu", "cuda"} <= set(backend_names())
+    with pytest.raises(ValueError, match="^ckptnorm: no backend called 'tpu'; tip: use one of cpu, cuda"):
+        get_backend("tpu")
+
+    class Recording(type(get_backend("cpu"))):
+        def __init__(self, tag="default"):
+            self.tag = tag
+
+    register_backend("recording", Recording)
+    try:
+        assert isinstance(get_backend("recording"), Backend) and get_backend("recording").tag == "default"
+        assert get_backend("recording", tag="per call").tag == "per call"  # options: a new instance
+        assert get_backend("recording") is get_backend("recording")
+    finally:
+        from ckptnorm import backends
+        backends._FACTORIES.pop("recording"), backends._DEFAULTS.pop("recording", None)
+
+
+def test_cpu_backend_rejects_an_unknown_layout():
+    act = get_activation("silu")
+    x = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="^ckptnorm: unknown layout 'nhwc'; tip:"):
+        ckptnorm.backends.get_backend("cpu").normalize_act(x, x, "nhwc", np.zeros(3), np.ones(3), np.zeros(3), act)
+
+
+def test_old_models_module_warns_and_forwards():
+    pytest.importorskip("torch")
+    import ckptnorm.models
+    from ckptnorm.torch import models
+    with pytest.warns(DeprecationWarning, match="ckptnorm.models.get_model moved to ckptnorm.torch.models"):
+        assert ckptnorm.models.get_model is models.get_model
+    with pytest.raises(AttributeError):
+        ckptnorm.models.no_such_model
 
 
 def test_import_is_light():

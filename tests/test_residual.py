@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ckptnorm import PrecisionFallbackWarning, reference
-from ckptnorm.models import postact_resnet
+from ckptnorm.torch.models import postact_resnet
 from ckptnorm.torch import BatchNormAct2d, SavedTensorsCounter, batch_norm_act, convert, find_sites
 
 STRATEGIES = ["standard", "checkpoint", "efficient_checkpoint", "inplace_abn"]
@@ -249,15 +249,13 @@ def test_postact_resnet_recompute_and_inplace_abn_keep_one_buffer_per_site():
 
 
 # -- a stage of residual blocks: the chain of recipes (rule 6 of _recompute) ------------------------------------------
-class ReluBlock(nn.Module):
-    """conv -> BN -> leaky -> conv -> BN -> +r -> ReLU: ReLU after the add is not invertible (timm's TResNet)."""
+class ReluBlock(PostActBlock):
+    """conv -> BN -> leaky -> conv -> BN -> +r -> ReLU, without the head: ReLU after the add is not invertible
+    (timm's TResNet)."""
 
     def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
+        super().__init__(c)
+        del self.head
 
     def forward(self, r):
         out = self.bn2(self.conv2(F.leaky_relu(self.bn1(self.conv1(r)), 0.01)))

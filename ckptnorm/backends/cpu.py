@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Backend
+from .base import LAYOUTS, Backend
 
 
-def _kernels(act=None):
-    """The kernel module for ``act``: branch-free kernels for piecewise-linear activations, tiled ones otherwise.
+def _kernels(act, layout):
+    """The kernels for ``act`` and ``layout``: branch-free ones for piecewise-linear activations, tiled ones
+    otherwise.  Imported on first use so that ``import ckptnorm`` stays cheap and does not load Numba's compiler."""
+    if act.linear_slope is not None:
+        from .cpu_kernels_linear import KERNELS
+    else:
+        from .cpu_kernels import KERNELS
+    return KERNELS[_checked(layout)]
 
-    Imported on first use so that ``import ckptnorm`` stays cheap and does not load Numba's compiler."""
-    if act is not None and act.linear_slope is not None:
-        from . import cpu_kernels_linear
-        return cpu_kernels_linear
-    from . import cpu_kernels
-    return cpu_kernels
+
+def _checked(layout):
+    if layout not in LAYOUTS:
+        raise ValueError(f"ckptnorm: unknown layout {layout!r}; tip: use 'ncs' (N, C, S) or 'nsc' (N, S, C)")
+    return layout
 
 
 def _per_channel(values):
@@ -45,33 +50,34 @@ class CPUBackend(Backend):
     def channel_stats(self, x, layout, with_range=False):
         channels = x.shape[1] if layout == "ncs" else x.shape[2]
         mean, var, xmin, xmax = (np.empty(channels) for _ in range(4))
-        getattr(_kernels(), "stats_" + layout)(x, mean, var, xmin, xmax, with_range)
+        from .cpu_kernels import STATS
+        STATS[_checked(layout)](x, mean, var, xmin, xmax, with_range)
         return (mean, var, xmin, xmax) if with_range else (mean, var, None, None)
 
     def normalize_act(self, x, out, layout, mean, scale, beta, act, residual=None):
-        getattr(_kernels(act), "normalize_act_" + layout)(
+        _kernels(act, layout).normalize_act(
             x, out, _per_channel(mean), _per_channel(scale), _per_channel(beta), *_act_args(act, True), residual)
 
     def reduce_from_input(self, x, dz, layout, mean, invstd, scale, beta, act, residual=None):
         sum_dy, sum_dy_xhat = np.empty(len(mean)), np.empty(len(mean))
-        getattr(_kernels(act), "reduce_from_input_" + layout)(
+        _kernels(act, layout).reduce_from_input(
             x, dz, _per_channel(mean), _per_channel(invstd), _per_channel(scale), _per_channel(beta),
             *_act_args(act), sum_dy, sum_dy_xhat, residual)
         return sum_dy, sum_dy_xhat
 
     def reduce_from_output(self, z, dz, layout, beta, act, residual=None):
         sum_dy, sum_dy_ybeta = np.empty(len(beta)), np.empty(len(beta))
-        getattr(_kernels(act), "reduce_from_output_" + layout)(
+        _kernels(act, layout).reduce_from_output(
             z, dz, _per_channel(beta), *_act_args(act, True), sum_dy, sum_dy_ybeta, residual)
         return sum_dy, sum_dy_ybeta
 
     def dx_from_input(self, x, dz, dx, layout, mean, scale, beta, act, coef_dy, coef_u, coef_const, residual=None,
                       dres=None):
-        getattr(_kernels(act), "dx_from_input_" + layout)(
+        _kernels(act, layout).dx_from_input(
             x, dz, dx, _per_channel(mean), _per_channel(scale), _per_channel(beta), *_act_args(act),
             _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const), residual, dres)
 
     def dx_from_output(self, z, dz, dx, layout, beta, act, coef_dy, coef_u, coef_const, residual=None, dres=None):
-        getattr(_kernels(act), "dx_from_output_" + layout)(
+        _kernels(act, layout).dx_from_output(
             z, dz, dx, _per_channel(beta), *_act_args(act, True),
             _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const), residual, dres)

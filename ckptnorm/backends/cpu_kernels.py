@@ -27,8 +27,9 @@ Invariants:
     Elements are processed in tiles (TILE elements of a channel in "ncs", one row of C channels in "nsc"): the
     activation's branch on ``kind`` is taken once per tile (``cpu_tiles.act_*_tile``, called per tile), so the
     per-element loops are simple and vectorize.
-    The per-element formulas are ``activation_math``'s, shared with the CUDA kernels and inlined here; Numba's
-    disk cache does not notice edits there (nor in ``storage``): clear ``__pycache__`` after editing either.
+    The per-element formulas are ``activation_math``'s, shared with the CUDA kernels and inlined here; the
+    per-tile loops and the backward kernels' common first steps are ``cpu_tiles``'.  Numba's disk cache does not
+    notice edits in those modules (nor in ``storage``): clear ``__pycache__`` after editing any of them.
  2. Reductions are deterministic: each channel (ncs) or each fixed row chunk (nsc) is summed by one thread in a
     fixed order, and chunk partials are combined in chunk order.  Chunking depends on the shape only, never on
     the thread count, so results are bitwise identical run to run.
@@ -40,8 +41,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_tiles import (TILE, _chunking, _combine, _jit, _reduce_jit, act_forward_tile, act_grad_tile,
-                        act_inverse_tile)
+from .cpu_tiles import (TILE, LayoutKernels, _chunking, _combine, _from_input_row, _from_input_tile, _from_output_row,
+                        _from_output_tile, _jit, _reduce_jit, act_forward_tile)
 from .storage import narrow, widen
 
 # -- per-channel statistics ---------------------------------------------------------------------------------------
@@ -175,14 +176,7 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
             for s0 in range(0, spatial, TILE):
                 k = min(TILE, spatial - s0)
                 x_t, dz_t = x[n, c, s0:s0 + k], dz[n, c, s0:s0 + k]
-                for j in range(k):
-                    u[j] = widen(x_t[j]) - m
-                    y[j] = u[j] * a + b
-                if residual is not None:
-                    r_t = residual[n, c, s0:s0 + k]
-                    for j in range(k):
-                        y[j] += widen(r_t[j])
-                act_grad_tile(y, g, k, kind, p)
+                _from_input_tile(x_t, residual, n, c, s0, m, a, b, kind, p, u, y, g)
                 for j in range(k):
                     dy = widen(dz_t[j]) * g[j]
                     s_dy += dy
@@ -205,13 +199,7 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
         for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
-            for c in range(channels):
-                u[c] = widen(x[n, s, c]) - mean[c]
-                y[c] = u[c] * scale[c] + beta[c]
-            if residual is not None:
-                for c in range(channels):
-                    y[c] += widen(residual[n, s, c])
-            act_grad_tile(y, g, channels, kind, p)
+            _from_input_row(x[n, s], residual, n, s, mean, scale, beta, kind, p, u, y, g)
             for c in range(channels):
                 dy = widen(dz[n, s, c]) * g[c]
                 acc[0, c] += dy
@@ -235,13 +223,7 @@ def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual)
             for s0 in range(0, spatial, TILE):
                 k = min(TILE, spatial - s0)
                 z_t, dz_t = z[n, c, s0:s0 + k], dz[n, c, s0:s0 + k]
-                for j in range(k):
-                    y[j] = widen(z_t[j])
-                act_inverse_tile(y, g, k, kind, p)
-                if residual is not None:  # z = phi(y + r): subtract r from the inverted pre-activation
-                    r_t = residual[n, c, s0:s0 + k]
-                    for j in range(k):
-                        y[j] -= widen(r_t[j])
+                _from_output_tile(z_t, residual, n, c, s0, kind, p, y, g)
                 for j in range(k):
                     dy = widen(dz_t[j]) * g[j]
                     s_dy += dy
@@ -263,12 +245,7 @@ def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual)
         for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
-            for c in range(channels):
-                y[c] = widen(z[n, s, c])
-            act_inverse_tile(y, g, channels, kind, p)
-            if residual is not None:
-                for c in range(channels):
-                    y[c] -= widen(residual[n, s, c])
+            _from_output_row(z[n, s], residual, n, s, kind, p, y, g)
             for c in range(channels):
                 dy = widen(dz[n, s, c]) * g[c]
                 acc[0, c] += dy
@@ -291,14 +268,7 @@ def dx_from_input_ncs(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
         for s0 in range(0, spatial, TILE):
             k = min(TILE, spatial - s0)
             x_t, dz_t, dx_t = x[n, c, s0:s0 + k], dz[n, c, s0:s0 + k], dx[n, c, s0:s0 + k]
-            for j in range(k):
-                u[j] = widen(x_t[j]) - m
-                y[j] = u[j] * a + b
-            if residual is not None:
-                r_t = residual[n, c, s0:s0 + k]
-                for j in range(k):
-                    y[j] += widen(r_t[j])
-            act_grad_tile(y, g, k, kind, p)
+            _from_input_tile(x_t, residual, n, c, s0, m, a, b, kind, p, u, y, g)
             for j in range(k):
                 dx_t[j] = narrow(k_dy * (widen(dz_t[j]) * g[j]) + k_u * u[j] + k_0, dx_t)
             if dres is not None:
@@ -319,13 +289,7 @@ def dx_from_input_nsc(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
         for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
-            for c in range(channels):
-                u[c] = widen(x[n, s, c]) - mean[c]
-                y[c] = u[c] * scale[c] + beta[c]
-            if residual is not None:
-                for c in range(channels):
-                    y[c] += widen(residual[n, s, c])
-            act_grad_tile(y, g, channels, kind, p)
+            _from_input_row(x[n, s], residual, n, s, mean, scale, beta, kind, p, u, y, g)
             for c in range(channels):
                 dx[n, s, c] = narrow(coef_dy[c] * (widen(dz[n, s, c]) * g[c]) + coef_u[c] * u[c] + coef_const[c],
                                      dx)
@@ -348,13 +312,7 @@ def dx_from_output_ncs(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, re
         for s0 in range(0, spatial, TILE):
             k = min(TILE, spatial - s0)
             z_t, dz_t, dx_t = z[n, c, s0:s0 + k], dz[n, c, s0:s0 + k], dx[n, c, s0:s0 + k]
-            for j in range(k):
-                y[j] = widen(z_t[j])
-            act_inverse_tile(y, g, k, kind, p)
-            if residual is not None:
-                r_t = residual[n, c, s0:s0 + k]
-                for j in range(k):
-                    y[j] -= widen(r_t[j])
+            _from_output_tile(z_t, residual, n, c, s0, kind, p, y, g)
             for j in range(k):
                 dx_t[j] = narrow(k_dy * (widen(dz_t[j]) * g[j]) + k_u * (y[j] - b) + k_0, dx_t)
             if dres is not None:
@@ -374,15 +332,20 @@ def dx_from_output_nsc(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, re
         for r in range(k * per_chunk, min(rows, (k + 1) * per_chunk)):
             n = r // spatial
             s = r - n * spatial
-            for c in range(channels):
-                y[c] = widen(z[n, s, c])
-            act_inverse_tile(y, g, channels, kind, p)
-            if residual is not None:
-                for c in range(channels):
-                    y[c] -= widen(residual[n, s, c])
+            _from_output_row(z[n, s], residual, n, s, kind, p, y, g)
             for c in range(channels):
                 dx[n, s, c] = narrow(coef_dy[c] * (widen(dz[n, s, c]) * g[c]) + coef_u[c] * (y[c] - beta[c])
                                      + coef_const[c], dx)
             if dres is not None:
                 for c in range(channels):
                     dres[n, s, c] = narrow(widen(dz[n, s, c]) * g[c], dres)
+
+
+# The kernels per layout, as ``CPUBackend`` looks them up.
+KERNELS = {
+    "ncs": LayoutKernels(normalize_act_ncs, reduce_from_input_ncs, reduce_from_output_ncs, dx_from_input_ncs,
+                         dx_from_output_ncs),
+    "nsc": LayoutKernels(normalize_act_nsc, reduce_from_input_nsc, reduce_from_output_nsc, dx_from_input_nsc,
+                         dx_from_output_nsc),
+}
+STATS = {"ncs": stats_ncs, "nsc": stats_nsc}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_tiles import _chunking, _combine, _jit, _reduce_jit
+from .cpu_tiles import LayoutKernels, _chunking, _combine, _jit, _reduce_jit
 from .storage import narrow, widen
 
 
@@ -45,6 +45,32 @@ def _grad_from_output(z, slope):
     return 1.0 if z > 0.0 else slope  # z = 0 means y = 0: PyTorch's slope there
 
 
+# The pre-activation of one element, and what each backward kernel needs with it.  ``residual[i0, i1, i2]`` is the
+# element's r in memory order ((n, c, s) or (n, s, c)); with ``residual`` None the branch is pruned at compile time
+# (inlined, so the plain loop is what it was before residual sites existed).
+@njit(inline="always", **_jit)
+def _pre_activation(y, residual, i0, i1, i2):
+    if residual is not None:
+        y += widen(residual[i0, i1, i2])
+    return y
+
+
+@njit(inline="always", **_jit)
+def _dy_from_input(xv, dzv, m, a, b, slope, at_zero, residual, i0, i1, i2):
+    """(dy, u) from x: u = x - mean, dy = dz * phi'(u * scale + beta [+ r])."""
+    u = xv - m
+    return dzv * _grad(_pre_activation(u * a + b, residual, i0, i1, i2), slope, at_zero), u
+
+
+@njit(inline="always", **_jit)
+def _dy_from_output(zv, dzv, slope, residual, i0, i1, i2):
+    """(dy, y) from z: y = phi^-1(z) [- r], dy = dz * phi' (taken from z)."""
+    y = _inverse(zv, slope)
+    if residual is not None:
+        y -= widen(residual[i0, i1, i2])
+    return dzv * _grad_from_output(zv, slope), y
+
+
 # -- normalize + activation ---------------------------------------------------------------------------------------
 @njit(parallel=True, **_jit)
 def normalize_act_ncs(x, out, mean, scale, beta, slope, residual):
@@ -54,13 +80,9 @@ def normalize_act_ncs(x, out, mean, scale, beta, slope, residual):
         c = i - n * channels
         m, a, b = mean[c], scale[c], beta[c]
         x_r, out_r = x[n, c], out[n, c]
-        if residual is None:
-            for s in range(spatial):
-                out_r[s] = narrow(_phi((widen(x_r[s]) - m) * a + b, slope), out_r)
-        else:
-            r_r = residual[n, c]
-            for s in range(spatial):
-                out_r[s] = narrow(_phi((widen(x_r[s]) - m) * a + b + widen(r_r[s]), slope), out_r)
+        for s in range(spatial):
+            y = _pre_activation((widen(x_r[s]) - m) * a + b, residual, n, c, s)
+            out_r[s] = narrow(_phi(y, slope), out_r)
 
 
 @njit(parallel=True, **_jit)
@@ -73,14 +95,9 @@ def normalize_act_nsc(x, out, mean, scale, beta, slope, residual):
             n = r // spatial
             s = r - n * spatial
             x_r, out_r = x[n, s], out[n, s]
-            if residual is None:
-                for c in range(channels):
-                    out_r[c] = narrow(_phi((widen(x_r[c]) - mean[c]) * scale[c] + beta[c], slope), out_r)
-            else:
-                r_r = residual[n, s]
-                for c in range(channels):
-                    y = (widen(x_r[c]) - mean[c]) * scale[c] + beta[c] + widen(r_r[c])
-                    out_r[c] = narrow(_phi(y, slope), out_r)
+            for c in range(channels):
+                y = _pre_activation((widen(x_r[c]) - mean[c]) * scale[c] + beta[c], residual, n, s, c)
+                out_r[c] = narrow(_phi(y, slope), out_r)
 
 
 # -- backward reductions ------------------------------------------------------------------------------------------
@@ -93,19 +110,10 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_
         s_dyu = 0.0
         for n in range(n_batch):
             x_r, dz_r = x[n, c], dz[n, c]
-            if residual is None:
-                for s in range(spatial):
-                    u = widen(x_r[s]) - m
-                    dy = widen(dz_r[s]) * _grad(u * a + b, slope, at_zero)
-                    s_dy += dy
-                    s_dyu += dy * u
-            else:
-                r_r = residual[n, c]
-                for s in range(spatial):
-                    u = widen(x_r[s]) - m
-                    dy = widen(dz_r[s]) * _grad(u * a + b + widen(r_r[s]), slope, at_zero)
-                    s_dy += dy
-                    s_dyu += dy * u
+            for s in range(spatial):
+                dy, u = _dy_from_input(widen(x_r[s]), widen(dz_r[s]), m, a, b, slope, at_zero, residual, n, c, s)
+                s_dy += dy
+                s_dyu += dy * u
         sum_dy[c] = s_dy
         sum_dy_xhat[c] = s_dyu * invstd[c]
 
@@ -123,11 +131,8 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_
             s = r - n * spatial
             x_r, dz_r = x[n, s], dz[n, s]
             for c in range(channels):
-                u = widen(x_r[c]) - mean[c]
-                y = u * scale[c] + beta[c]
-                if residual is not None:
-                    y += widen(residual[n, s, c])
-                dy = widen(dz_r[c]) * _grad(y, slope, at_zero)
+                dy, u = _dy_from_input(widen(x_r[c]), widen(dz_r[c]), mean[c], scale[c], beta[c], slope, at_zero,
+                                       residual, n, s, c)
                 acc_dy[c] += dy
                 acc_dyu[c] += dy * u
     _combine(part, sum_dy, sum_dy_xhat)
@@ -144,19 +149,10 @@ def reduce_from_output_ncs(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
         s_dyy = 0.0
         for n in range(n_batch):
             z_r, dz_r = z[n, c], dz[n, c]
-            if residual is None:
-                for s in range(spatial):
-                    v = widen(z_r[s])
-                    dy = widen(dz_r[s]) * _grad_from_output(v, slope)
-                    s_dy += dy
-                    s_dyy += dy * (_inverse(v, slope) - b)
-            else:
-                r_r = residual[n, c]
-                for s in range(spatial):
-                    v = widen(z_r[s])
-                    dy = widen(dz_r[s]) * _grad_from_output(v, slope)
-                    s_dy += dy
-                    s_dyy += dy * (_inverse(v, slope) - widen(r_r[s]) - b)
+            for s in range(spatial):
+                dy, y = _dy_from_output(widen(z_r[s]), widen(dz_r[s]), slope, residual, n, c, s)
+                s_dy += dy
+                s_dyy += dy * (y - b)
         sum_dy[c] = s_dy
         sum_dy_ybeta[c] = s_dyy
 
@@ -174,11 +170,7 @@ def reduce_from_output_nsc(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
             s = r - n * spatial
             z_r, dz_r = z[n, s], dz[n, s]
             for c in range(channels):
-                v = widen(z_r[c])
-                y = _inverse(v, slope)
-                if residual is not None:
-                    y -= widen(residual[n, s, c])
-                dy = widen(dz_r[c]) * _grad_from_output(v, slope)
+                dy, y = _dy_from_output(widen(z_r[c]), widen(dz_r[c]), slope, residual, n, s, c)
                 acc_dy[c] += dy
                 acc_dyy[c] += dy * (y - beta[c])
     _combine(part, sum_dy, sum_dy_ybeta)
@@ -194,21 +186,11 @@ def dx_from_input_ncs(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coe
         m, a, b = mean[c], scale[c], beta[c]
         k_dy, k_u, k_0 = coef_dy[c], coef_u[c], coef_const[c]
         x_r, dz_r, dx_r = x[n, c], dz[n, c], dx[n, c]
-        if residual is None:
-            for s in range(spatial):
-                u = widen(x_r[s]) - m
-                dy = widen(dz_r[s]) * _grad(u * a + b, slope, at_zero)
-                dx_r[s] = narrow(k_dy * dy + k_u * u + k_0, dx_r)
-                if dres is not None:
-                    dres[n, c, s] = narrow(dy, dres)
-        else:
-            r_r = residual[n, c]
-            for s in range(spatial):
-                u = widen(x_r[s]) - m
-                dy = widen(dz_r[s]) * _grad(u * a + b + widen(r_r[s]), slope, at_zero)
-                dx_r[s] = narrow(k_dy * dy + k_u * u + k_0, dx_r)
-                if dres is not None:
-                    dres[n, c, s] = narrow(dy, dres)
+        for s in range(spatial):
+            dy, u = _dy_from_input(widen(x_r[s]), widen(dz_r[s]), m, a, b, slope, at_zero, residual, n, c, s)
+            dx_r[s] = narrow(k_dy * dy + k_u * u + k_0, dx_r)
+            if dres is not None:
+                dres[n, c, s] = narrow(dy, dres)
 
 
 @njit(parallel=True, **_jit)
@@ -222,11 +204,8 @@ def dx_from_input_nsc(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coe
             s = r - n * spatial
             x_r, dz_r, dx_r = x[n, s], dz[n, s], dx[n, s]
             for c in range(channels):
-                u = widen(x_r[c]) - mean[c]
-                y = u * scale[c] + beta[c]
-                if residual is not None:
-                    y += widen(residual[n, s, c])
-                dy = widen(dz_r[c]) * _grad(y, slope, at_zero)
+                dy, u = _dy_from_input(widen(x_r[c]), widen(dz_r[c]), mean[c], scale[c], beta[c], slope, at_zero,
+                                       residual, n, s, c)
                 dx_r[c] = narrow(coef_dy[c] * dy + coef_u[c] * u + coef_const[c], dx_r)
                 if dres is not None:
                     dres[n, s, c] = narrow(dy, dres)
@@ -241,21 +220,11 @@ def dx_from_output_ncs(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, resi
         b = beta[c]
         k_dy, k_u, k_0 = coef_dy[c], coef_u[c], coef_const[c]
         z_r, dz_r, dx_r = z[n, c], dz[n, c], dx[n, c]
-        if residual is None:
-            for s in range(spatial):
-                v = widen(z_r[s])
-                dy = widen(dz_r[s]) * _grad_from_output(v, slope)
-                dx_r[s] = narrow(k_dy * dy + k_u * (_inverse(v, slope) - b) + k_0, dx_r)
-                if dres is not None:
-                    dres[n, c, s] = narrow(dy, dres)
-        else:
-            r_r = residual[n, c]
-            for s in range(spatial):
-                v = widen(z_r[s])
-                dy = widen(dz_r[s]) * _grad_from_output(v, slope)
-                dx_r[s] = narrow(k_dy * dy + k_u * (_inverse(v, slope) - widen(r_r[s]) - b) + k_0, dx_r)
-                if dres is not None:
-                    dres[n, c, s] = narrow(dy, dres)
+        for s in range(spatial):
+            dy, y = _dy_from_output(widen(z_r[s]), widen(dz_r[s]), slope, residual, n, c, s)
+            dx_r[s] = narrow(k_dy * dy + k_u * (y - b) + k_0, dx_r)
+            if dres is not None:
+                dres[n, c, s] = narrow(dy, dres)
 
 
 @njit(parallel=True, **_jit)
@@ -269,11 +238,16 @@ def dx_from_output_nsc(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, resi
             s = r - n * spatial
             z_r, dz_r, dx_r = z[n, s], dz[n, s], dx[n, s]
             for c in range(channels):
-                v = widen(z_r[c])
-                y = _inverse(v, slope)
-                if residual is not None:
-                    y -= widen(residual[n, s, c])
-                dy = widen(dz_r[c]) * _grad_from_output(v, slope)
+                dy, y = _dy_from_output(widen(z_r[c]), widen(dz_r[c]), slope, residual, n, s, c)
                 dx_r[c] = narrow(coef_dy[c] * dy + coef_u[c] * (y - beta[c]) + coef_const[c], dx_r)
                 if dres is not None:
                     dres[n, s, c] = narrow(dy, dres)
+
+
+# The kernels per layout, as ``CPUBackend`` looks them up.
+KERNELS = {
+    "ncs": LayoutKernels(normalize_act_ncs, reduce_from_input_ncs, reduce_from_output_ncs, dx_from_input_ncs,
+                         dx_from_output_ncs),
+    "nsc": LayoutKernels(normalize_act_nsc, reduce_from_input_nsc, reduce_from_output_nsc, dx_from_input_nsc,
+                         dx_from_output_nsc),
+}

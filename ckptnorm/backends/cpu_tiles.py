@@ -1,16 +1,20 @@
 """Shared pieces of the Numba CPU kernels (``cpu_kernels``, ``cpu_kernels_linear``): compile options, launch
-geometry, the per-tile activation loops and the deterministic combination of chunk partials.
+geometry, the per-tile activation loops, what every backward kernel of ``cpu_kernels`` computes first for a tile or
+a row, the deterministic combination of chunk partials, and the table type of the kernels per layout.
 
 The per-tile loops take the activation's branch on ``kind`` once per tile, then run a simple loop that vectorizes;
 the per-element formulas are ``activation_math``'s (shared with the CUDA kernels).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from numba import njit
 
 from ..activations import (CELU, ELU, GELU, GELU_TANH, HARDSIGMOID, HARDSWISH, LEAKY_RELU, MISH, RELU, RELU6, SELU,
                            SIGMOID, SILU, TANH)  # anything else: identity
 from . import activation_math as am
+from .storage import widen
 
 # Channels-last reductions split the N*S rows into fixed chunks, each summed by one thread into a row of partials.
 # At least NSC_MIN_ROWS_PER_CHUNK rows per chunk (amortizes the partials), at most NSC_MAX_CHUNKS chunks (bounds
@@ -20,6 +24,18 @@ NSC_MAX_CHUNKS = 512
 # Elements of one channel handled per tile in the "ncs" kernels (float64 scratch: 2 KiB, stays in L1).  Tiles are
 # taken as 1-D slices so that indices are provably non-negative (no wraparound checks): the loops vectorize.
 TILE = 256
+
+
+
+class LayoutKernels(NamedTuple):
+    """One kernel module's kernels for one layout, as ``CPUBackend`` calls them (its ``KERNELS[layout]``)."""
+
+    normalize_act: object
+    reduce_from_input: object
+    reduce_from_output: object
+    dx_from_input: object
+    dx_from_output: object
+
 
 _jit = dict(cache=True, nogil=True)
 # Reductions may reorder their float64 sums (vectorized partial sums); the order is fixed at compile time, so
@@ -175,3 +191,59 @@ def _combine(part, first, second):
             s1 += part[k, 1, c]
         first[c] = s0
         second[c] = s1
+
+
+# -- what every backward kernel computes first for a tile ("ncs") or a row ("nsc") ---------------------------------
+# One function per (source, layout), inlined into the kernels (as written there, a call per row of a channels-last
+# kernel with few channels cost up to 1.4x); the ``residual is None`` branch is pruned at compile time as in the
+# kernels themselves.
+@njit(inline="always", **_jit)
+def _from_input_tile(x_t, residual, n, c, s0, m, a, b, kind, p, u, y, g):
+    """For x_t = x[n, c, s0:s0 + k]: u = x - mean, y = u * scale + beta [+ r], g = phi'(y), in u, y, g[:k]."""
+    k = len(x_t)
+    for j in range(k):
+        u[j] = widen(x_t[j]) - m
+        y[j] = u[j] * a + b
+    if residual is not None:
+        r_t = residual[n, c, s0:s0 + k]
+        for j in range(k):
+            y[j] += widen(r_t[j])
+    act_grad_tile(y, g, k, kind, p)
+
+
+@njit(inline="always", **_jit)
+def _from_input_row(x_r, residual, n, s, mean, scale, beta, kind, p, u, y, g):
+    """For the row x_r = x[n, s] of C channels: u, y, g as in ``_from_input_tile``, per channel."""
+    channels = len(x_r)
+    for c in range(channels):
+        u[c] = widen(x_r[c]) - mean[c]
+        y[c] = u[c] * scale[c] + beta[c]
+    if residual is not None:
+        for c in range(channels):
+            y[c] += widen(residual[n, s, c])
+    act_grad_tile(y, g, channels, kind, p)
+
+
+@njit(inline="always", **_jit)
+def _from_output_tile(z_t, residual, n, c, s0, kind, p, y, g):
+    """For z_t = z[n, c, s0:s0 + k]: y = phi^-1(z) [- r] and g = phi' at the pre-activation, in y, g[:k]."""
+    k = len(z_t)
+    for j in range(k):
+        y[j] = widen(z_t[j])
+    act_inverse_tile(y, g, k, kind, p)
+    if residual is not None:  # z = phi(y + r): subtract r from the inverted pre-activation
+        r_t = residual[n, c, s0:s0 + k]
+        for j in range(k):
+            y[j] -= widen(r_t[j])
+
+
+@njit(inline="always", **_jit)
+def _from_output_row(z_r, residual, n, s, kind, p, y, g):
+    """For the row z_r = z[n, s]: y, g as in ``_from_output_tile``, per channel."""
+    channels = len(z_r)
+    for c in range(channels):
+        y[c] = widen(z_r[c])
+    act_inverse_tile(y, g, channels, kind, p)
+    if residual is not None:
+        for c in range(channels):
+            y[c] -= widen(residual[n, s, c])

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import as_strided
 
-from ..backends import get_backend
+from ..backends import backend_names, get_backend
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -147,22 +147,22 @@ def backend_for(t: torch.Tensor):
     ``use_backend("cuda")`` routes CPU tensors through the CUDA kernels too (under Numba's CUDA simulator: how the
     CUDA path is tested on machines without a GPU).
     """
-    name = _backend_override.get() or ("cuda" if t.device.type == "cuda" else "cpu")
+    name = _backend_override.get() or t.device.type
     if name == "cpu":
         if t.device.type != "cpu":
             raise ValueError(f"ckptnorm: the CPU backend cannot run on {t.device} tensors; tip: leave the backend "
                              "choice to ckptnorm")
         return get_backend("cpu")
-    from ckptnorm._cuda.backend import CUDABackend
-    if t.device.type == "cuda":
+    if t.device.type == "cuda":  # per call: PyTorch's current stream, memory from PyTorch's caching allocator
         from numba import cuda
         stream = cuda.external_stream(torch.cuda.current_stream(t.device).cuda_stream)
 
         def allocate(shape, dtype):
             return torch.empty(shape, dtype=_TORCH_DTYPES[np.dtype(dtype)], device=t.device)
 
-        return CUDABackend(allocate=allocate, stream=stream)
-    return CUDABackend(allocate=lambda shape, dtype: np.zeros(shape, dtype), stream=0)
+        return get_backend("cuda", allocate=allocate, stream=stream)
+    # CPU tensors through the CUDA kernels (Numba's simulator): host buffers
+    return get_backend(name, allocate=lambda shape, dtype: np.zeros(shape, dtype), stream=0)
 
 
 class use_backend:
@@ -173,8 +173,8 @@ class use_backend:
     """
 
     def __init__(self, name):
-        if name not in ("cpu", "cuda"):
-            raise ValueError(f"ckptnorm: unknown backend {name!r}; tip: use 'cpu' or 'cuda'")
+        if name not in backend_names():
+            raise ValueError(f"ckptnorm: unknown backend {name!r}; tip: use one of {', '.join(backend_names())}")
         self.name = name
 
     def __enter__(self):

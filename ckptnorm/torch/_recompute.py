@@ -42,7 +42,7 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from ..strategies import OutputRecipe
-from . import _arrays
+from . import _arrays, _compat
 
 
 
@@ -276,13 +276,8 @@ def unpack_hook(packed):
     return packed.materialize()
 
 
-def in_backward() -> bool:
-    """True while autograd runs a backward on this thread (e.g. torch.utils.checkpoint recomputing a forward)."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _top_hooks():
-    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+in_backward = _compat.graph_task_running
+_top_hooks = _compat.top_saved_tensors_hooks
 
 
 class HookState:
@@ -313,7 +308,7 @@ class HookState:
 
     def register(self, z: torch.Tensor, recipe: Recipe) -> None:
         """Make consumers of ``z`` keep ``recipe`` instead of ``z`` (rules 1-2)."""
-        if not torch._C._autograd._saved_tensors_hooks_is_enabled():
+        if not _compat.saved_tensors_hooks_enabled():
             return  # e.g. inside torch.func transforms: z is simply kept
         recipe.bind(z)
         key, owner = z.data_ptr(), threading.get_ident()
@@ -324,7 +319,7 @@ class HookState:
         # Only onto an empty stack (bottom), and not during a backward: autograd runs a backward on a copy of the
         # thread's hook stack and restores the original afterwards, so a push or pop there would be lost.
         if _top_hooks() is None and not in_backward():
-            torch._C._autograd._push_saved_tensors_default_hooks(pack_hook, unpack_hook)
+            _compat.push_saved_tensors_hooks(pack_hook, unpack_hook)
 
     def _on_output_freed(self, key, recipe, owner) -> None:
         with self._lock:
@@ -347,7 +342,7 @@ class HookState:
         if self.live() <= 0 and not in_backward():
             top = _top_hooks()
             if top is not None and top[0] is pack_hook:
-                torch._C._autograd._pop_saved_tensors_default_hooks()
+                _compat.pop_saved_tensors_hooks()
 
 
 HOOKS = HookState()

@@ -20,23 +20,18 @@ after), so a model with S sites costs 1 + number of strategies conversions inste
 the copies' module trees differ (a conversion that depends on the strategy), each candidate is converted on its own
 as ``{site: name, "*": "standard"}``.
 
-Choice: exactly one strategy per site, minimizing the summed time deltas subject to
-``baseline bytes + summed byte deltas <= budget`` -- a multiple-choice knapsack, solved exactly by dynamic
-programming over Pareto frontiers (``choose``): sites are merged one by one, keeping only partial solutions not
-dominated in (bytes, time) and not already unable to fit the budget.  The predicted totals assume the per-site
-deltas add up (they do when sites do not interact; ``Plan.apply`` and a fresh measurement tell).
+Choice: ``ckptnorm.planning`` (framework-free): exactly one strategy per site, least summed time delta within the
+budget, solved exactly; ``Plan.apply`` and a fresh measurement tell whether the per-site deltas added up.
 """
 from __future__ import annotations
 
-import copy
-import json
-import math
 import statistics
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from .. import planning
+from ..planning import PlanEntry, choose  # noqa: F401  (public names of this module since before the split)
 from ..strategies import STRATEGY_NAMES, get_strategy
 from ._recompute import SavedTensorsCounter
 from .convert import convert
@@ -48,143 +43,12 @@ __all__ = ["Plan", "PlanEntry", "plan", "choose"]
 BASELINE = "standard"
 
 
-# -- the exact solver --------------------------------------------------------------------------------------------------
-def choose(options, capacity):
-    """Exact multiple-choice knapsack: pick one ``(bytes, time)`` option per group, minimizing total time subject to
-    total bytes <= ``capacity``.  Returns the chosen option index per group, or ``None`` when nothing fits.
-
-    Values may be negative (deltas).  Among equal-time solutions the one with fewer bytes is returned.
-    """
-    groups = [list(g) for g in options]
-    if any(not g for g in groups):
-        raise ValueError("ckptnorm: every site needs at least one option; tip: check the candidate strategies")
-    # suffix_min[k]: the fewest bytes groups k.. can add; a partial solution that cannot fit even so is dropped
-    suffix_min = [0] * (len(groups) + 1)
-    for k in range(len(groups) - 1, -1, -1):
-        suffix_min[k] = suffix_min[k + 1] + min(b for b, _ in groups[k])
-    if suffix_min[0] > capacity:
-        return None
-    frontier = [(0, 0.0)]  # (bytes, time), bytes increasing and time strictly decreasing
-    back = []  # per group: for each frontier entry, (index in the previous frontier, option index)
-    for k, group in enumerate(groups):
-        limit = capacity - suffix_min[k + 1]
-        merged = [(b + ob, t + ot, i, j) for i, (b, t) in enumerate(frontier) for j, (ob, ot) in enumerate(group)
-                  if b + ob <= limit]
-        merged.sort(key=lambda e: (e[0], e[1]))
-        new_frontier, pointers = [], []
-        for b, t, i, j in merged:
-            if not new_frontier or t < new_frontier[-1][1]:
-                new_frontier.append((b, t))
-                pointers.append((i, j))
-        frontier = new_frontier
-        back.append(pointers)
-    # the last entry has the least time (times decrease along the frontier)
-    picks = []
-    idx = len(frontier) - 1
-    for pointers in reversed(back):
-        i, j = pointers[idx]
-        picks.append(j)
-        idx = i
-    return picks[::-1]
-
-
-# -- the plan ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PlanEntry:
-    """One site's choice: its predicted saved-bytes and time deltas vs ``standard`` (seconds per step)."""
-
-    site: str
-    strategy: str
-    bytes_delta: int
-    time_delta: float
-
-
-@dataclass
-class Plan:
-    """The result of ``plan``.  ``candidates``: site -> strategy -> (bytes delta, time delta), everything measured."""
-
-    entries: list
-    candidates: dict
-    baseline_bytes: int
-    baseline_time: float
-    budget_bytes: int
-    inplace: object = "auto"
-    measured_bytes: "int | None" = None  # saved bytes of the applied plan, measured by ``plan`` (None: not measured)
-    predicted_bytes: int = field(init=False)
-    predicted_time: float = field(init=False)
-
-    def __post_init__(self):
-        self.predicted_bytes = self.baseline_bytes + sum(e.bytes_delta for e in self.entries)
-        self.predicted_time = self.baseline_time + sum(e.time_delta for e in self.entries)
-
-    @property
-    def strategies(self) -> dict:
-        """site -> chosen strategy, the dict ``apply`` passes to ``convert``."""
-        return {e.site: e.strategy for e in self.entries}
-
-    def with_budget(self, budget) -> "Plan":
-        """The optimal plan for another ``budget`` (bytes or fraction of standard) from the same measurements."""
-        return _solve(self.candidates, self.baseline_bytes, self.baseline_time,
-                      _budget_bytes(budget, self.baseline_bytes), self.inplace)
-
-    @property
-    def smallest_bytes(self) -> int:
-        """The fewest saved bytes any choice of the measured candidates reaches (predicted)."""
-        return self.baseline_bytes + sum(min(v[0] for v in c.values()) for c in self.candidates.values())
+class Plan(planning.Plan):
+    """The result of ``plan`` (``ckptnorm.planning.Plan``), which ``apply`` turns into a converted model."""
 
     def apply(self, model: nn.Module, *, inplace=None):
         """``convert(model, self.strategies, inplace=...)``: sites not in the plan are left as they are."""
         return convert(model, self.strategies, inplace=self.inplace if inplace is None else inplace)
-
-    # -- printing and serialization
-    def __str__(self):
-        base = self.baseline_bytes or 1
-        rows = [("site", "strategy", "saved bytes delta", "time delta (ms)")]
-        for e in self.entries:
-            rows.append((e.site, e.strategy, f"{e.bytes_delta:+,d}", f"{e.time_delta * 1e3:+.3f}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = []
-        for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))))
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        lines.append(f"standard: {self.baseline_bytes:,d} bytes saved for backward, "
-                     f"{self.baseline_time * 1e3:.3f} ms per step")
-        lines.append(f"plan (predicted): {self.predicted_bytes:,d} bytes "
-                     f"({self.predicted_bytes / base:.1%} of standard), {self.predicted_time * 1e3:.3f} ms per step "
-                     f"({self.predicted_time / self.baseline_time:.2f}x)" if self.baseline_time > 0 else
-                     f"plan (predicted): {self.predicted_bytes:,d} bytes ({self.predicted_bytes / base:.1%} of "
-                     "standard)")
-        if self.measured_bytes is not None:
-            lines.append(f"plan (measured): {self.measured_bytes:,d} bytes ({self.measured_bytes / base:.1%} of "
-                         "standard)")
-        lines.append(f"budget: {self.budget_bytes:,d} bytes ({self.budget_bytes / base:.1%} of standard)")
-        return "\n".join(lines)
-
-    def to_json(self) -> str:
-        data = {"format": "ckptnorm.plan/1", "entries": [asdict(e) for e in self.entries],
-                "candidates": {s: {k: list(v) for k, v in c.items()} for s, c in self.candidates.items()},
-                "baseline_bytes": self.baseline_bytes, "baseline_time": self.baseline_time,
-                "budget_bytes": self.budget_bytes, "inplace": self.inplace,
-                "predicted_bytes": self.predicted_bytes, "predicted_time": self.predicted_time,
-                "measured_bytes": self.measured_bytes}
-        return json.dumps(data, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        try:
-            data = json.loads(text)
-            if data.get("format") != "ckptnorm.plan/1":
-                raise ValueError(f"format {data.get('format')!r}")
-            return cls(entries=[PlanEntry(**e) for e in data["entries"]],
-                       candidates={s: {k: (int(v[0]), float(v[1])) for k, v in c.items()}
-                                   for s, c in data["candidates"].items()},
-                       baseline_bytes=int(data["baseline_bytes"]), baseline_time=float(data["baseline_time"]),
-                       budget_bytes=int(data["budget_bytes"]), inplace=data["inplace"],
-                       measured_bytes=data.get("measured_bytes"))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"ckptnorm: not a plan in JSON ({type(exc).__name__}: {exc}); tip: pass the text "
-                             "written by Plan.to_json()") from None
 
 
 # -- measurement -------------------------------------------------------------------------------------------------------
@@ -279,22 +143,6 @@ def _measure_swapping(copies, sites, alts_of, inputs, repeats):
     return candidates, baseline_bytes, baseline_times
 
 
-def _budget_bytes(budget, baseline_bytes):
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise TypeError(f"ckptnorm: budget must be bytes (int) or a fraction of standard (float in (0, 1]), got "
-                        f"{type(budget).__name__}; tip: use e.g. budget=0.6")
-    if isinstance(budget, float):
-        if not (0.0 < budget <= 1.0) or math.isnan(budget):
-            raise ValueError(f"ckptnorm: a float budget is a fraction of the standard saved bytes, in (0, 1]; got "
-                             f"{budget}; tip: pass bytes as an int, e.g. budget={int(budget)}" if budget > 1 else
-                             f"ckptnorm: a float budget is a fraction of the standard saved bytes, in (0, 1]; got "
-                             f"{budget}; tip: use e.g. budget=0.6")
-        return int(math.floor(budget * baseline_bytes))
-    if budget < 0:
-        raise ValueError(f"ckptnorm: budget must be >= 0 bytes, got {budget}; tip: use e.g. budget=0.6")
-    return int(budget)
-
-
 def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5, inplace="auto") -> Plan:
     """Measure every valid strategy at every site of ``model`` and choose, per site, the one that minimizes the
     step time while the saved-activation bytes stay within ``budget``.
@@ -360,7 +208,7 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
         baseline_times = median_times([baseline], inputs, repeats, tool="plan")
     del baseline
     baseline_time = statistics.median(baseline_times)
-    budget_bytes = _budget_bytes(budget, baseline_bytes)
+    budget_bytes = planning.budget_bytes(budget, baseline_bytes)
     return _verified(model, inputs, candidates, baseline_bytes, baseline_time, budget_bytes, inplace)
 
 
@@ -373,7 +221,7 @@ MAX_REFITS = 4
 def _verified(model, inputs, candidates, baseline_bytes, baseline_time, budget_bytes, inplace):
     target = budget_bytes
     for _ in range(MAX_REFITS + 1):
-        result = _solve(candidates, baseline_bytes, baseline_time, target, inplace)
+        result = planning.solve(candidates, baseline_bytes, baseline_time, target, inplace, Plan)
         _, measured = _prepare(model, result.strategies, inputs, inplace)
         if measured <= budget_bytes:
             break
@@ -385,21 +233,3 @@ def _verified(model, inputs, candidates, baseline_bytes, baseline_time, budget_b
     return result
 
 
-def _solve(candidates, baseline_bytes, baseline_time, budget_bytes, inplace="auto") -> Plan:
-    """The optimal ``Plan`` for measured ``candidates`` (site -> strategy -> (bytes delta, time delta))."""
-    site_names = list(candidates)
-    options = [list(candidates[s].items()) for s in site_names]
-    picks = choose([[v for _, v in opts] for opts in options], budget_bytes - baseline_bytes)
-    if picks is None:
-        smallest = baseline_bytes + sum(min(v[0] for _, v in opts) for opts in options)
-        base = baseline_bytes or 1
-        raise ValueError(
-            f"ckptnorm: no choice of strategies fits a budget of {budget_bytes:,d} bytes "
-            f"({budget_bytes / base:.1%} of standard); the smallest achievable is {smallest:,d} bytes "
-            f"({smallest / base:.1%} of standard, fraction {smallest / base:.4f}); tip: raise the budget to at least "
-            f"{smallest} bytes, or allow more strategies (inplace_abn needs invertible activations such as "
-            "leaky_relu)")
-    entries = [PlanEntry(s, opts[j][0], int(opts[j][1][0]), float(opts[j][1][1]))
-               for s, opts, j in zip(site_names, options, picks)]
-    return Plan(entries=entries, candidates=copy.deepcopy(candidates), baseline_bytes=int(baseline_bytes),
-                baseline_time=float(baseline_time), budget_bytes=int(budget_bytes), inplace=inplace)

@@ -29,11 +29,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..activations import Activation, get_activation
-from .graph import Pieces, bn_kind
+from . import _compat
+from .graph import Pieces
+from .graph_nodes import _fresh_node, bn_kind
 from .site_activations import as_activation, module_activation, node_activation
 
 __all__ = ["Site", "SiteDiscoveryWarning", "find_sites"]
@@ -110,38 +111,6 @@ class Site:
         return (self.activation or IDENTITY).describe()
 
 
-# -- readers of the BN input --------------------------------------------------------------------------------------
-_FRESH_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-                  nn.Linear, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_FRESH_FUNCTIONS = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.cat,
-                    torch.matmul, F.conv1d, F.conv2d, F.conv3d, F.linear, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
-_FRESH_METHODS = {"add", "sub", "mul", "matmul"}
-
-
-def _fresh_node(node, piece, pieces, depth=0) -> bool:
-    """``node`` returns a new tensor that its own backward does not keep (a traced child piece: what it returns)."""
-    if node.op == "call_module":
-        try:
-            mod = piece.submodule(node.target)
-        except AttributeError:
-            return False
-        child = pieces.piece(mod)
-        if child is not None:
-            if child.graph is None or depth > 8:
-                return False
-            out = next(n for n in child.graph.nodes if n.op == "output").args[0]
-            return (isinstance(out, fx.Node) and out.op not in ("placeholder", "get_attr") and len(out.users) == 1
-                    and _fresh_node(out, child, pieces, depth + 1))
-        return isinstance(mod, _FRESH_MODULES) or bn_kind(mod) == "bn"
-    if node.op == "call_function":
-        return node.target in _FRESH_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _FRESH_METHODS
-    return False
-
-
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -214,16 +183,11 @@ def _skip_identities(piece, node):
             mod = piece.submodule(user.target)
         except AttributeError:
             break
-        if type(mod) is not nn.Identity or _has_hooks(mod):
+        if type(mod) is not nn.Identity or _compat.has_forward_hooks(mod):
             break
         passed.append(user.name)
         node = user
     return node, tuple(passed)
-
-
-def _has_hooks(mod) -> bool:
-    return bool(mod._forward_hooks or mod._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks)
 
 
 def _inlinable_call(pieces, piece, head):
@@ -236,8 +200,8 @@ def _inlinable_call(pieces, piece, head):
         return None
     child = piece.module
     calls = pieces.calls(child)
-    if (len(calls) != 1 or pieces.untraced_parent(child) or not _single_name(pieces, child) or _has_hooks(child)
-            or piece.rewritable()):
+    if (len(calls) != 1 or pieces.untraced_parent(child) or not _single_name(pieces, child)
+            or _compat.has_forward_hooks(child) or piece.rewritable()):
         return None
     caller, call = calls[0]
     placeholders = [n for n in piece.graph.nodes if n.op == "placeholder"]

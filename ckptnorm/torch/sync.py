@@ -26,7 +26,6 @@ NCCL's watchdog after the same timeout.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import numpy as np
@@ -34,9 +33,10 @@ import torch
 import torch.distributed as dist
 
 from ..channel_stats import Reducer
+from . import _compat
 
 __all__ = ["ProcessGroupReducer", "SyncBatchNormError", "SyncFallbackWarning", "EmptyBatchBackend",
-           "reducer_for", "deepcopy_keeping_groups"]
+           "reducer_for"]
 
 _TIP = ("tip: read the other processes' output for the first error; every process must call the same "
         "synchronized layers in the same order (a process without data still calls them, with an empty batch)")
@@ -48,15 +48,6 @@ class SyncBatchNormError(RuntimeError):
 
 class SyncFallbackWarning(UserWarning):
     """A synchronized BatchNorm layer ran in training without torch.distributed: local statistics were used."""
-
-
-def _group_timeout(group, device):
-    """The process group's timeout (a timedelta), or None where the backend does not expose it."""
-    try:
-        pg = group if group is not None else dist.group.WORLD
-        return pg._get_backend(device).options._timeout
-    except Exception:  # private API: absent on some backends and versions; the group's own timeout still applies
-        return None
 
 
 class ProcessGroupReducer(Reducer):
@@ -74,7 +65,7 @@ class ProcessGroupReducer(Reducer):
     def _run(self, what, collective, *args, wait_on_host):
         try:
             work = collective(*args, group=self.group, async_op=True)
-            timeout = _group_timeout(self.group, args[-1].device) if wait_on_host else None
+            timeout = _compat.group_timeout(self.group, args[-1].device) if wait_on_host else None
             if timeout is not None:
                 work.wait(timeout)
             else:
@@ -188,13 +179,3 @@ class EmptyBatchBackend:
 
     def to_host(self, array):
         return self.backend.to_host(array)
-
-
-def deepcopy_keeping_groups(model):
-    """``copy.deepcopy(model)`` where process groups (handles that cannot be copied) are shared, not copied."""
-    memo = {}
-    for module in model.modules():
-        group = getattr(module, "process_group", None)
-        if group is not None:
-            memo[id(group)] = group
-    return copy.deepcopy(model, memo)
