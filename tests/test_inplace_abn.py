@@ -115,10 +115,22 @@ def test_elu_keeps_z_only_while_its_inverse_is_accurate():
 
 
 def test_eval_mode_elu_check_uses_the_data_range():
+    """In eval mode (running statistics) the fallback keeps x -- not only a warning: the saved bytes show x and the
+    mean -- and the gradient is the float64 reference's (from z, exp(-y) would amplify z's rounding ~1e10 times
+    here); with data above the floor z alone is kept."""
     layer = make_layer([3.0], [0.0], "elu", 1.0).eval()
-    x = torch.randn(4, 1, 5, 5, generator=torch.Generator().manual_seed(4)) * 3
+    g = torch.Generator().manual_seed(4)
+    x, dz = torch.randn(4, 1, 5, 5, generator=g) * 3, torch.randn(4, 1, 5, 5, generator=g)
     with pytest.warns(PrecisionFallbackWarning):
-        layer(x.clone().requires_grad_() * 1).sum().backward()
+        _, dx, _, _, _, saved = run(layer, x, dz)
+    assert saved == x.numel() * 4 + 2 * 8  # x (not z), float64 mean and 1/sigma: as efficient_checkpoint
+    y = 3.0 * x.double() / math.sqrt(1.0 + 1e-5)  # running mean 0, var 1
+    dx_ref = 3.0 / math.sqrt(1.0 + 1e-5) * dz.double() * torch.where(y > 0, 1.0, torch.exp(y))
+    assert rel(dx, dx_ref.numpy()) < 1e-6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionFallbackWarning)
+        _, _, _, _, _, saved = run(layer, x.abs() * 0.1, dz)  # pre-activations >= 0: no fallback
+    assert saved == x.numel() * 4 + 8  # z and 1/sigma only
 
 
 @pytest.mark.parametrize("activation,param", [("celu", 1.0), ("celu", 0.5), ("selu", None)])

@@ -197,8 +197,14 @@ def test_rss_held_after_forward():
 
 # -- running statistics ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("strategy, inplace", [(s, False) for s in STRATEGIES] + [("inplace_abn", True)])
-def test_running_stats_updated_once(strategy, inplace, momentum):
+@pytest.mark.parametrize("strategy, inplace, rerun", [(s, False, r) for s in STRATEGIES for r in (False, True)]
+                         + [("inplace_abn", True, False)])
+def test_running_stats_updated_once(strategy, inplace, momentum, rerun):
+    """Once per forward, also when backward recomputes: the consumer (a square) keeps z, so a rematerializing
+    strategy's recipe runs in backward, and under torch.utils.checkpoint (``rerun``) the whole forward runs again
+    there.  (Not inplace=True under torch.utils.checkpoint: writing over the checkpoint's own input breaks its
+    re-run for any in-place op, PyTorch's included.)"""
+    from torch.utils.checkpoint import checkpoint
     torch.manual_seed(0)
     x = torch.randn(N, C, H, W) * 3 + 1
     ref = nn.BatchNorm2d(C, momentum=momentum)
@@ -207,8 +213,8 @@ def test_running_stats_updated_once(strategy, inplace, momentum):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ckptnorm.PrecisionFallbackWarning)
         a = x.clone().requires_grad_()
-        out = m(a * 1.0)
-        out.sum().backward()
+        out = checkpoint(m, a * 1.0, use_reentrant=False) if rerun else m(a * 1.0)
+        (out * out).sum().backward()
     assert int(m.num_batches_tracked) == 1
     torch.testing.assert_close(m.running_mean, ref.running_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m.running_var, ref.running_var, rtol=1e-6, atol=1e-7)
@@ -221,3 +227,49 @@ def test_running_stats_updated_once(strategy, inplace, momentum):
     m(x)
     assert torch.equal(m.running_mean, before[0]) and torch.equal(m.running_var, before[1])
     assert int(m.num_batches_tracked) == 1
+
+
+# -- nothing activation-sized held by the autograd node outside save_for_backward ------------------------------------
+def _tensors_held(obj, seen=None, depth=0):
+    """Every tensor reachable from ``obj`` through attributes, __slots__, containers and weak references' targets
+    (not through saved_tensors: what save_for_backward keeps is counted by SavedTensorsCounter)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 6 or isinstance(obj, (str, bytes, int, float, type, nn.Module)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    children = []
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        children = list(obj)
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+        for cls in type(obj).__mro__:
+            children += [getattr(obj, s, None) for s in getattr(cls, "__slots__", ()) if isinstance(s, str)]
+    return [t for child in children for t in _tensors_held(child, seen, depth + 1)]
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("strategy, inplace", [(s, False) for s in STRATEGIES] + [("inplace_abn", True)])
+def test_autograd_node_holds_no_activation_outside_save_for_backward(strategy, inplace, channels_last, residual):
+    """The exact byte counts see save_for_backward only; a tensor kept as an attribute of the node (ctx) would be
+    memory they miss.  Walk what the node holds besides its saved tensors: nothing activation-sized, in every
+    strategy, layout, in place or not, with a residual or not."""
+    from ckptnorm.torch import batch_norm_act
+    torch.manual_seed(0)
+    x = torch.randn(N, C, H, W) * 2 + 0.5
+    r = torch.randn(N, C, H, W) if residual else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        r = None if r is None else r.contiguous(memory_format=torch.channels_last)
+    w, b = (torch.rand(C) + 0.5).requires_grad_(), (torch.rand(C) * 0.1).requires_grad_()
+    a = x.clone().requires_grad_()
+    z = batch_norm_act(a * 1.0, torch.zeros(C), torch.ones(C), w, b, True, 0.1, 1e-5, "leaky_relu", 0.01, strategy,
+                       inplace, residual=r)
+    node = z.grad_fn
+    held = [t for t in _tensors_held(node) if t.numel() >= x.numel()]
+    assert not held, f"{len(held)} activation-sized tensor(s) held by {type(node).__name__} outside save_for_backward"
+    z.sum().backward()
