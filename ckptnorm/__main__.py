@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 
 from .strategies import STRATEGY_NAMES, get_strategy
@@ -167,22 +168,10 @@ def _compare_block(parser, args):
     result = compare(block, torch.randn(shape), args.strategies, repeats=repeats, progress=not args.no_progress,
                      include_torch_checkpoint=False, model_name=f"block conv1x1({shape[1]}->{args.channels}) -> "
                      f"BN({args.channels}) -> {act.describe()} -> conv1x1({args.channels}->{shape[1]})")
-    print(result.table())
-    if args.json:
-        _write(parser, args.json, result.to_json())
-    return 0
+    return _report(parser, args, result)
 
 
-def _compare(parser, args):
-    if args.model == "block":
-        return _compare_block(parser, args)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        parser.exit(2, "ckptnorm: --plot needs matplotlib, which is not installed; tip: pip install matplotlib, or "
-                       "use --json\n")
-    from .torch.compare import compare
-    model, x = _build_model(parser, args.model, args.input)
-    result = compare(model, x, args.strategies, repeats=args.repeats or 5, progress=not args.no_progress,
-                     model_name=args.model)
+def _report(parser, args, result):
     print(result.table())
     if args.json:
         _write(parser, args.json, result.to_json())
@@ -191,7 +180,32 @@ def _compare(parser, args):
     return 0
 
 
+def _check_outputs(parser, args):
+    """Before measuring for a minute: the output files can be written, and --plot has matplotlib."""
+    for path in (getattr(args, "json", None), getattr(args, "plot", None)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder is not None and not os.path.isdir(folder):
+            parser.exit(2, f"ckptnorm: cannot write {path!r}: No such file or directory\n")
+        if folder is not None and not os.access(folder, os.W_OK):
+            parser.exit(2, f"ckptnorm: cannot write {path!r}: Permission denied\n")
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:
+        parser.exit(2, "ckptnorm: --plot needs matplotlib, which is not installed; tip: pip install matplotlib, or "
+                       "use --json\n")
+
+
+def _compare(parser, args):
+    _check_outputs(parser, args)
+    if args.model == "block":
+        return _compare_block(parser, args)
+    from .torch.compare import compare
+    model, x = _build_model(parser, args.model, args.input)
+    result = compare(model, x, args.strategies, repeats=args.repeats or 5, progress=not args.no_progress,
+                     model_name=args.model)
+    return _report(parser, args, result)
+
+
 def _plan(parser, args):
+    _check_outputs(parser, args)
     if args.model == "block":
         parser.exit(2, f"ckptnorm: plan does not take --model block; tip: use {_MODEL_FORMS}\n")
     try:

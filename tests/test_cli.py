@@ -102,3 +102,35 @@ def test_plan_prints_a_plan_and_writes_json(tmp_path):
     assert str(Plan.from_json(path.read_text())).strip()
     bad = _run("plan", "--budget", "0.0001", "--input", "2x3x8x8", "--repeats", "1")
     assert bad.returncode == 2 and bad.stderr.startswith("ckptnorm: ") and "Traceback" not in bad.stderr
+
+
+def test_no_subcommand_is_compare(monkeypatch):
+    import ckptnorm.__main__ as cli
+    seen = {}
+    monkeypatch.setattr(cli, "_compare", lambda parser, args: seen.setdefault("args", args) and 0)
+    monkeypatch.setattr(cli, "_plan", lambda parser, args: pytest.fail("plan ran"))
+    main([])
+    defaults = cli.build_parser().parse_args(["compare"])
+    assert vars(seen["args"]) == vars(defaults)
+
+
+def test_unwritable_json_path_is_a_one_line_error(tmp_path):
+    path = tmp_path / "missing-dir" / "out.json"
+    out = _run("compare", "--model", "block", "--input", "2x4x8x8", "--repeats", "1", "--json", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "ckptnorm compare:" not in out.stderr  # early
+    assert out.stderr.startswith(f"ckptnorm: cannot write {str(path)!r}: No such file or directory")
+    assert out.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(NO_MATPLOTLIB, reason="needs matplotlib (the error without it is tested above)")
+def test_plot_writes_a_png(tmp_path):
+    path = tmp_path / "cmp.png"
+    assert main(["compare", "--model", "block", "--input", "2x4x8x8", "--repeats", "1", "--plot", str(path),
+                 "--no-progress"]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 1000
+
+
+def test_plan_refuses_the_block_model():
+    out = _run("plan", "--model", "block", "--budget", "0.9")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith("ckptnorm: plan does not take --model block; tip: use preact_resnet")

@@ -220,13 +220,18 @@ MAX_REFITS = 4
 
 def _verified(model, inputs, candidates, baseline_bytes, baseline_time, budget_bytes, inplace):
     target = budget_bytes
-    for _ in range(MAX_REFITS + 1):
-        result = planning.solve(candidates, baseline_bytes, baseline_time, target, inplace, Plan)
+    for attempt in range(MAX_REFITS + 1):
+        try:
+            result = planning.solve(candidates, baseline_bytes, baseline_time, target, inplace, Plan)
+        except ValueError:
+            if attempt == 0:  # the user's budget itself is out of reach: the solver's message says by how much
+                raise
+            break  # a tightened target out of reach: the measured plans did not fit (below)
         _, measured = _prepare(model, result.strategies, inputs, inplace)
         if measured <= budget_bytes:
             break
         target -= measured - budget_bytes
-    else:
+    if measured > budget_bytes:
         raise ValueError(f"ckptnorm: the plans chosen for a budget of {budget_bytes:,d} bytes measure "
                          f"{measured:,d} bytes once applied (site interactions); tip: raise the budget a little")
     result.budget_bytes, result.measured_bytes = int(budget_bytes), int(measured)
