@@ -352,3 +352,26 @@ def test_plan_on_a_postact_resnet_fits_its_budget_as_measured():
     assert saved_bytes(conv.train(), (x,)) == result.measured_bytes
     assert Plan.from_json(result.to_json()).measured_bytes == result.measured_bytes
     assert "plan (measured)" in str(result)
+
+
+@pytest.mark.parametrize("slots", [0, 2])
+def test_backward_reuses_recent_chain_outputs(slots, monkeypatch):
+    """Rule 7: each block's output is recomputed for the next block's residual site and again for its first conv,
+    and the walk passes the block before on its way.  Holding the last two recomputed outputs makes the walks of a
+    5-block stage (and its head) cost 9 residual-site recomputations instead of 25 (n^2 with none held), and never
+    holds more than two."""
+    from ckptnorm.torch import _recompute
+    monkeypatch.setattr(_recompute, "RECENT_CHAIN_OUTPUTS", slots)
+    computed, most_held = [0], [0]
+    real = _recompute.HookState.hold_recent
+
+    def counting(self, recipe, z):
+        computed[0] += 1
+        real(self, recipe, z)
+        most_held[0] = max(most_held[0], sum(r() is not None and r().held is not None for r in self._thread.recent))
+
+    monkeypatch.setattr(_recompute.HookState, "hold_recent", counting)
+    model = convert(_stage(5).double(), "efficient_checkpoint")
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    model(x * 1).square().sum().backward()
+    assert computed[0] == (9 if slots else 25) and most_held[0] == slots

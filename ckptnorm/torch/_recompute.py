@@ -25,6 +25,10 @@ unpacks it.  This is done with PyTorch's saved-tensor hooks, without any wrapper
     walks back the chain of recipes.  The chain is at most ``MAX_RESIDUAL_CHAIN`` long: a longer one would make
     backward's recomputation quadratic in the stage's depth, so the output that would extend it is not registered
     (its consumers keep it) and the next chain starts there.
+ 7. Backward reaches a block's output twice (the next block's residual site, then its first conv) and the block
+    before it next, whose output the walk just recomputed on its way: so each thread holds its last
+    ``RECENT_CHAIN_OUTPUTS`` recomputed residual-site outputs, each until a newer one takes its place or its
+    recipe dies with the graph (a bounded transient: that many buffers, in backward only).
 
 Users composing their own saved-tensor hooks can call ``pack_hook``/``unpack_hook`` inside theirs to keep the
 saving; ``SavedTensorsCounter`` below does exactly that to measure what is kept.
@@ -168,6 +172,9 @@ def describe_callable(fn) -> str:
 # so a stage of n blocks costs at most n * MAX_RESIDUAL_CHAIN passes in backward and keeps n / MAX_RESIDUAL_CHAIN
 # outputs more than the chain would.  16 covers every stage of the common ResNets but ResNet-101/152's third.
 MAX_RESIDUAL_CHAIN = 16
+# Rule 7: recomputed residual-site outputs held per thread.  2 halves the walks again (the block before reuses what
+# the walk computed on its way); more would trade a buffer each for less recomputation.
+RECENT_CHAIN_OUTPUTS = 2
 
 
 class Recipe:
@@ -194,6 +201,7 @@ class Recipe:
         self.gamma_over_invstd = decision.scale / decision.invstd  # gamma: rebuilds scale from recomputed statistics
         self.owner = threading.get_ident()
         self._last = None
+        self.held = None  # rule 7: a strong reference to the recomputed z while this recipe is among the recent ones
 
     def bind(self, z) -> None:
         """The output this recipe stands for: only that tensor, unchanged, is swapped for the recipe."""
@@ -238,6 +246,8 @@ class Recipe:
         if self.module is not None:
             z = self.module.rerun(z)
         self._last = weakref.ref(z)
+        if self.residual is not None:
+            HOOKS.hold_recent(self, z)
         return z
 
 
@@ -293,6 +303,7 @@ class HookState:
         self.registry: dict = {}                   # data_ptr of a live z -> Recipe (any thread)
         self._live: dict = {}                      # thread id -> registered outputs of that thread still alive
         self._lock = threading.Lock()
+        self._thread = threading.local()           # per thread: recently recomputed residual outputs (rule 7)
 
     def live(self, thread=None) -> int:
         """Registered outputs of ``thread`` (default: this one) still alive."""
@@ -305,6 +316,21 @@ class HookState:
         except RuntimeError:  # tensors without storage (e.g. some subclasses) are never ours
             return None
         return recipe if recipe is not None and recipe.matches(t) else None
+
+    def hold_recent(self, recipe, z) -> None:
+        """Rule 7: ``recipe`` keeps its recomputed ``z`` until ``RECENT_CHAIN_OUTPUTS`` newer ones of this thread
+        replace it; the queue holds the recipes weakly, so a held z never outlives its recipe."""
+        if RECENT_CHAIN_OUTPUTS <= 0:
+            return
+        recent = getattr(self._thread, "recent", None)
+        if recent is None:
+            recent = self._thread.recent = []
+        recipe.held = z
+        recent.append(weakref.ref(recipe))
+        while len(recent) > RECENT_CHAIN_OUTPUTS:
+            old = recent.pop(0)()
+            if old is not None and old is not recipe:
+                old.held = None
 
     def register(self, z: torch.Tensor, recipe: Recipe) -> None:
         """Make consumers of ``z`` keep ``recipe`` instead of ``z`` (rules 1-2)."""
