@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from ckptnorm import PrecisionFallbackWarning
+from ckptnorm import STRATEGY_NAMES, PrecisionFallbackWarning
 from ckptnorm.torch import (
     BatchNormAct2d,
     SyncBatchNormAct1d,
@@ -187,6 +187,38 @@ def _check_case(case, rank, sizes, device, group=None):
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_strategy_matches_single_process_batchnorm(world, tmp_path):
     _run_ranks(_equivalence_rank, world, tmp_path)
+
+
+def _group_of_one_rank(rank, world, store):
+    """A process group of one: the exchanges run (gather and all-reduce over one rank) and must change nothing;
+    SyncBatchNormAct3d on 5-D input, every strategy, against nn.BatchNorm3d + leaky_relu in float64."""
+    _init(rank, world, store, 30)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, CHANNELS, 3, 4, 5, generator=gen, dtype=torch.float64) * 2 + 1
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    bn = nn.BatchNorm3d(CHANNELS, dtype=torch.float64)
+    with torch.no_grad():
+        bn.weight.copy_(_params()[0]), bn.bias.copy_(_params()[1])
+    x_ref = x.clone().requires_grad_()
+    _loss(F.leaky_relu(bn(x_ref), 0.1), g).backward()
+    for strategy in STRATEGY_NAMES:
+        layer = SyncBatchNormAct3d(CHANNELS, strategy=strategy, activation="leaky_relu", activation_param=0.1,
+                                   dtype=torch.float64)
+        layer.load_state_dict({k: v for k, v in bn.state_dict().items() if k in ("weight", "bias")}, strict=False)
+        xs = x.clone().requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no local-statistics fallback warning: the group is used
+            z = layer(xs)
+        _loss(z, g).backward()
+        torch.testing.assert_close(xs.grad, x_ref.grad, **TOL, msg=strategy)
+        torch.testing.assert_close(layer.weight.grad, bn.weight.grad, **TOL, msg=strategy)
+        torch.testing.assert_close(layer.running_var, bn.running_var, **TOL, msg=strategy)
+    dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_group_of_one_and_sync_3d_layer(tmp_path):
+    _run_ranks(_group_of_one_rank, 1, tmp_path)
 
 
 # -- DDP ------------------------------------------------------------------------------------------------------------
