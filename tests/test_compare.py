@@ -32,8 +32,7 @@ def test_every_row_with_its_measurements(tiny):
     assert std.reduction == 0.0 and std.time_ratio == 1.0 and std.grad_error == 0.0
     for r in result.rows:
         assert r.saved_bytes > 0 and r.step_seconds > 0
-        assert r.peak_bytes is None or r.peak_bytes >= 0
-        assert r.time_ratio == pytest.approx(r.step_seconds / std.step_seconds)
+        assert r.peak_bytes is not None  # CPU: the RSS high-water mark of one step (its value is noise at this size)
         assert r.reduction == pytest.approx(1 - r.saved_bytes / std.saved_bytes)
 
 
@@ -147,3 +146,43 @@ def test_progress_bar_on_stderr(capsys):
             include_original=False, include_torch_checkpoint=False)
     err = capsys.readouterr().err
     assert "ckptnorm compare" in err and "step" in err
+
+
+def test_grad_error_sees_a_wrong_gradient():
+    """grad_error is the normwise error of the whole gradient against standard's: a strategy whose dgamma is 1e-3
+    off shows an error of that order (the other rows of the table are rounding only)."""
+    from ckptnorm.strategies import _REGISTRY, EfficientCheckpoint, register_strategy
+
+    class Off(EfficientCheckpoint):
+        name = "off_by_a_little"
+
+        def backward(self, *args, **kwargs):
+            dgamma, dbeta = super().backward(*args, **kwargs)
+            return dgamma * (1 + 1e-3), dbeta
+
+    register_strategy(Off)
+    try:
+        torch.manual_seed(0)
+        model, x = preact_resnet(depth=8, width=4).double(), torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        result = compare(model, x, ["efficient_checkpoint", "off_by_a_little"], repeats=1, progress=False,
+                         include_torch_checkpoint=False)
+    finally:
+        _REGISTRY.pop(Off.name)
+    assert result["efficient_checkpoint"].grad_error < 1e-12  # float64: rounding only
+    assert 1e-6 < result["off_by_a_little"].grad_error < 1e-3
+
+
+def test_each_row_gets_its_own_measured_time(monkeypatch):
+    """Which measurement lands in which row: the timed steps are stubbed with a distinct time per variant, in the
+    order compare measures them, and every row's step time and ratio to standard must be that variant's."""
+    import importlib
+    cmp = importlib.import_module("ckptnorm.torch.compare")
+    seconds = iter([0.010, 0.020, 0.030, 0.045, 0.050])
+    monkeypatch.setattr(cmp, "median_times", lambda models, inputs, repeats: [next(seconds)])
+    torch.manual_seed(0)
+    result = compare(preact_resnet(depth=8, width=4), torch.randn(2, 3, 8, 8), repeats=1, progress=False,
+                     include_torch_checkpoint=False)
+    want = dict(zip(("original", "standard", "checkpoint", "efficient_checkpoint", "inplace_abn"),
+                    (0.010, 0.020, 0.030, 0.045, 0.050)))
+    assert {r.name: r.step_seconds for r in result.rows} == want
+    assert {r.name: round(r.time_ratio, 12) for r in result.rows} == {k: round(v / 0.020, 12) for k, v in want.items()}
