@@ -213,7 +213,7 @@ def test_convert_sequential_model():
     assert isinstance(model[1], nn.BatchNorm2d) and type(model[1]) is nn.BatchNorm2d  # original untouched
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     model.eval(), conv.eval()
-    torch.testing.assert_close(conv(x), model(x), rtol=1e-6, atol=0)
+    torch.testing.assert_close(conv(x), model(x), rtol=1e-10, atol=0)
 
 
 def test_postact_shared_relu_module_kept():
@@ -323,7 +323,7 @@ def test_pretrained_state_dict_round_trip(cls):
         assert torch.equal(back.state_dict()[k], v), k
     x = torch.randn(3, 3, 5, 5, dtype=torch.float64)
     pretrained.eval(), conv.eval()
-    torch.testing.assert_close(conv(x), pretrained(x), rtol=1e-6, atol=0)
+    torch.testing.assert_close(conv(x), pretrained(x), rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -351,7 +351,7 @@ def test_training_gradients_and_running_stats_equal(cls, strategy):
         F.mse_loss(net(x), target).backward()
     grads = dict(model.named_parameters())
     for name, p in conv.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-12, msg=name)
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-10, atol=1e-12, msg=name)
     ref_state = model.state_dict()
     for name, v in conv.state_dict().items():  # running stats and num_batches_tracked updated alike
         torch.testing.assert_close(v, ref_state[name], rtol=1e-10, atol=0, msg=name)
@@ -392,10 +392,10 @@ def test_untraceable_model_falls_back_to_sequential():
         net(x).square().sum().backward()
     grads = dict(model.named_parameters())
     for name, p in conv.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-12, msg=name)
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-10, atol=1e-12, msg=name)
     torch.testing.assert_close(conv.features[4].running_var, model.features[4].running_var, rtol=1e-10, atol=0)
     model.eval(), conv.eval()
-    torch.testing.assert_close(conv(x), model(x), rtol=1e-6, atol=0)
+    torch.testing.assert_close(conv(x), model(x), rtol=1e-10, atol=0)
 
 
 def test_no_warning_for_traceable_model():
@@ -447,9 +447,9 @@ def test_functional_activation_forms_and_unused_state():
     grads = dict(model.named_parameters())
     for name, p in conv.named_parameters():
         if grads[name].grad is not None:
-            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-12, msg=name)
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-10, atol=1e-12, msg=name)
     model.eval(), conv.eval()
-    torch.testing.assert_close(conv(x), model(x), rtol=1e-6, atol=0)
+    torch.testing.assert_close(conv(x), model(x), rtol=1e-10, atol=0)
 
 
 def test_callable_sees_input_shapes_when_example_inputs_are_given():
