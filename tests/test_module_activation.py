@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ckptnorm.torch import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, SavedTensorsCounter, batch_norm_act
 from ckptnorm.channel_stats import Reducer
-from ckptnorm.torch import _recompute
+from ckptnorm.torch import module_call
 
 F64 = torch.float64
 STRATEGIES = ("standard", "checkpoint", "efficient_checkpoint")
@@ -130,8 +130,8 @@ def test_matches_native_bn_plus_module(strategy, act, channels_last, training):
 @pytest.mark.parametrize("strategy", RECOMPUTING)
 def test_consumer_recomputes_z_by_rerunning_the_module(strategy, monkeypatch):
     calls = []
-    original = _recompute.ModuleCall.rerun
-    monkeypatch.setattr(_recompute.ModuleCall, "rerun", lambda self, y: calls.append(1) or original(self, y))
+    original = module_call.ModuleCall.rerun
+    monkeypatch.setattr(module_call.ModuleCall, "rerun", lambda self, y: calls.append(1) or original(self, y))
     net = block(strategy, MySwish())
     run(net, data())
     assert len(calls) == 1  # the second conv's backward unpacked z from the recipe
@@ -284,10 +284,10 @@ def test_rrelu_same_seed_same_gradient_as_native(strategy):
 
 
 def test_deterministic_module_skips_rng_restoring():
-    call = _recompute.ModuleCall(nn.Softplus())
+    call = module_call.ModuleCall(nn.Softplus())
     call.first_run(torch.randn(4, 3))
     assert call.rng is None
-    call = _recompute.ModuleCall(nn.RReLU())
+    call = module_call.ModuleCall(nn.RReLU())
     call.first_run(torch.randn(4, 3))
     assert call.rng is not None
 

@@ -26,7 +26,6 @@ NSC_MAX_CHUNKS = 512
 TILE = 256
 
 
-
 class LayoutKernels(NamedTuple):
     """One kernel module's kernels for one layout, as ``CPUBackend`` calls them (its ``KERNELS[layout]``)."""
 

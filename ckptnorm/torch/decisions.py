@@ -185,10 +185,9 @@ def _buffers_kept(site, strategy) -> int:
         keeps_y = not identity and act not in _KEEPS_RESULT | {"leaky_relu", "elu", "celu", "selu"}
         keeps_z = not identity or site.output_kept
         return 1 + keeps_y + keeps_z
-    if "z" in strat.keeps:  # inplace_abn: z alone
-        return 1
-    # checkpoint / efficient_checkpoint keep x; consumers keep a recipe (at residual sites one that holds r, or r's
-    # recipe: assumed here to stay within _recompute.MAX_RESIDUAL_CHAIN, beyond which one output in so many is kept)
+    # one buffer: inplace_abn keeps z; checkpoint / efficient_checkpoint keep x and consumers a recipe (at residual
+    # sites one that holds r, or r's recipe: assumed within _recompute.MAX_RESIDUAL_CHAIN, beyond which one output in
+    # so many is kept)
     return 1
 
 

@@ -9,7 +9,7 @@ Activation modules (any elementwise ``nn.Module`` or callable f without a kernel
 user's own): z = f(BN(x) [+ r]).  Under ``checkpoint``/``efficient_checkpoint`` the Function computes y with the
 identity-activation kernels and z = f(y) without a graph, keeping only what the strategy keeps; its backward
 recomputes y, re-runs f under autograd for dy, then runs the identity activation's BN backward with that dy.
-Consumers of z keep a recipe that re-runs f too (``_recompute.ModuleCall``).  Under ``standard`` (and wherever the
+Consumers of z keep a recipe that re-runs f too (``module_call.ModuleCall``).  Under ``standard`` (and wherever the
 strategy keeps z anyway) f simply runs after BN, recorded by autograd as in the original model.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..channel_stats import batch_statistics, merged_statistics, updated_running
 from ..strategies import OutputRecipe, get_strategy
 from . import _arrays, _recompute, sync
 from ._recompute import in_backward
+from .module_call import ModuleCall, check_elementwise, describe_callable
 
 
 class _Config:
@@ -33,7 +34,7 @@ class _Config:
                  "recipe")
 
     def __init__(self, **kw):
-        self.module = None  # a _recompute.ModuleCall when the activation is a module (act is then identity)
+        self.module = None  # a module_call.ModuleCall when the activation is a module (act is then identity)
         self.recipe = None  # set by forward when the strategy declares one (decision.recipe), taken by the caller
         for k, v in kw.items():
             setattr(self, k, v)
@@ -148,7 +149,7 @@ def activation_module(activation, activation_param=None, strategy=None):
     """
     if not is_activation_module(activation):
         return None
-    name = _recompute.describe_callable(activation)
+    name = describe_callable(activation)
     if isinstance(activation, type):
         raise TypeError(f"ckptnorm: activation {activation.__name__} is a class; tip: pass an instance, e.g. "
                         f"activation={activation.__name__}()")
@@ -303,7 +304,7 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
         y = batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, _IDENTITY, None,
                            strat, inplace, residual, reducer)
         z = fn(y)
-        _recompute.check_elementwise(fn, x.shape, x.device, z)
+        check_elementwise(fn, x.shape, x.device, z)
         return z
     recomputing = in_backward()
     if reducer is None and (strat.name == "standard" or x.numel() == 0):
@@ -331,11 +332,11 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     _recompute.HOOKS.release_if_idle()
     cfg = _Config(strategy=strat, act=act, training=training, momentum=momentum, eps=eps, inplace=inplace,
                   update_stats=not recomputing, reducer=reducer,
-                  module=None if fn is None else _recompute.ModuleCall(fn))
+                  module=None if fn is None else ModuleCall(fn))
     z = BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, cfg)
     # The recipe the strategy declared for this call (forward built it); taken off cfg at once, since the
     # autograd node keeps cfg and must not hold x outside save_for_backward.
     recipe, cfg.recipe = cfg.recipe, None
-    if recipe is not None and z.requires_grad and x.numel() and recipe.depth <= _recompute.MAX_RESIDUAL_CHAIN:
+    if recipe is not None and z.requires_grad and x.numel():
         _recompute.HOOKS.register(z, recipe)
     return z

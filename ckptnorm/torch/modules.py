@@ -18,7 +18,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..activations import get_activation
 from ..strategies import get_strategy
-from ._recompute import describe_callable
+from .module_call import describe_callable
 from .function import activation_module, batch_norm_act, in_backward, is_activation_module
 from .sync import reducer_for
 
