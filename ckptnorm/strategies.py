@@ -139,25 +139,34 @@ class Strategy:
                 "strategy='efficient_checkpoint'")
 
     def decide(self, backend, x, layout, gamma, beta, act, training, eps, running_mean, running_var, residual=None,
-               reducer=None):
+               reducer=None, for_backward=True):
         """Compute the statistics for this call and decide what to keep.  Does not touch running stats.
 
         Per-channel arguments are float64 arrays of the backend's kind (running ones only used in eval mode).
         ``residual``: the r of a residual site z = phi(BN(x) + r) (then "residual" is kept too), or None.
         ``reducer``: a ``Reducer`` for synchronized BN (used in training only: eval mode never communicates); the
         decision's statistics and count are then global.
+        ``for_backward=False``: no backward can run for this call (grad mode off, inference mode, nothing requires
+        grad): the decision keeps nothing and declares no recipe, and what only backward needs is not computed
+        (value ranges, the precision check, its warning).
         """
         count = elements_per_channel(x.shape, layout)
         xmin = xmax = residual_range = None
         if training and reducer is not None:
+            # The exchange has the same shape on every process whatever this one's grad mode (a mismatch would hang).
             if residual is not None and self.needs_residual_range(act):
                 residual_range = backend.channel_stats(residual, layout, with_range=True)[2:]
             count, mean, var, invstd, xmin, xmax, residual_range = merged_statistics(
                 backend, x, layout, eps, reducer, self.needs_input_range(act), residual_range)
         elif training:
-            mean, var, invstd, xmin, xmax = batch_statistics(backend, x, layout, eps, self.needs_input_range(act))
+            mean, var, invstd, xmin, xmax = batch_statistics(backend, x, layout, eps,
+                                                             for_backward and self.needs_input_range(act))
         else:
             mean, var, invstd = running_mean, None, (running_var + eps) ** -0.5
+        if not for_backward:
+            decision = CallDecision(mean, invstd, var, count, ())
+            decision.set_affine(gamma)
+            return decision
         keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual,
                                   residual_range)
         if residual is not None:

@@ -31,7 +31,7 @@ class _Config:
     """Per-call constants, passed to the Function as one non-tensor argument."""
 
     __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats", "reducer", "module",
-                 "recipe")
+                 "recipe", "for_backward")
 
     def __init__(self, **kw):
         self.module = None  # a module_call.ModuleCall when the activation is a module (act is then identity)
@@ -56,7 +56,8 @@ class BatchNormActFunction(torch.autograd.Function):
         x_arr = _arrays.activation_view(x, layout)
         r_arr = None if residual is None else _arrays.gradient_view(residual, layout)
         decision = cfg.strategy.decide(backend, x_arr, layout, gamma, beta, cfg.act, cfg.training, cfg.eps,
-                                       *running, residual=r_arr, reducer=cfg.reducer)
+                                       *running, residual=r_arr, reducer=cfg.reducer, for_backward=cfg.for_backward)
+        _check_not_inference(decision.keep, x, residual)  # before the running statistics change
         if cfg.training and cfg.update_stats and running_mean is not None:
             new_mean, new_var = updated_running_stats(*running, decision.mean, decision.var, decision.count,
                                                       cfg.momentum)
@@ -110,6 +111,16 @@ class BatchNormActFunction(torch.autograd.Function):
         grad_w = _arrays.channel_tensor(dgamma).to(w_dtype) if ctx.needs_input_grad[1] else None
         grad_b = _arrays.channel_tensor(dbeta).to(b_dtype) if ctx.needs_input_grad[2] else None
         return (dx if ctx.needs_input_grad[0] else None), grad_w, grad_b, None, None, dres, None
+
+
+def _check_not_inference(keep, x, residual):
+    """Autograd's rule for tensors made under ``torch.inference_mode``: they cannot be kept for backward."""
+    for name, kept_as, t in (("input", "x", x), ("residual", "residual", residual)):
+        if kept_as in keep and t.is_inference():
+            raise RuntimeError(
+                f"ckptnorm: the {name} was made under torch.inference_mode, and this layer must keep it for "
+                "backward (inference tensors cannot be saved); tip: use torch.no_grad() instead of "
+                f"torch.inference_mode() where it was made, or pass a clone made outside it ({name}.clone())")
 
 
 def _gradient_through_module(cfg, backend, arrays, dz, x, layout, gamma, beta, count):
@@ -273,6 +284,13 @@ def _validate(x, running_mean, running_var, weight, bias, training, momentum, ep
                                "inplace=False, or pass a non-leaf (e.g. the output of the previous layer)")
 
 
+def _backward_can_run(*tensors) -> bool:
+    """Whether autograd records this call: grad mode on (off under ``no_grad`` and ``inference_mode``) and some
+    input requiring grad.  Otherwise nothing is kept, no recipe is built and no hook is registered: there is no
+    backward to serve, and inference tensors have no version counter to record."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 @torch.compiler.disable
 def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                    activation="identity", activation_param=None, strategy="efficient_checkpoint", inplace=False,
@@ -331,8 +349,8 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
         x = x.contiguous()  # arbitrary strides: one copy, then the NCHW kernels
     _recompute.HOOKS.release_if_idle()
     cfg = _Config(strategy=strat, act=act, training=training, momentum=momentum, eps=eps, inplace=inplace,
-                  update_stats=not recomputing, reducer=reducer,
-                  module=None if fn is None else ModuleCall(fn))
+                  update_stats=not recomputing, reducer=reducer, module=None if fn is None else ModuleCall(fn),
+                  for_backward=_backward_can_run(x, weight, bias, residual))
     z = BatchNormActFunction.apply(x, weight, bias, running_mean, running_var, residual, cfg)
     # The recipe the strategy declared for this call (forward built it); taken off cfg at once, since the
     # autograd node keeps cfg and must not hold x outside save_for_backward.
