@@ -84,6 +84,7 @@ def test_cuda_benchmarks_skip_without_gpu():
         bench_cuda.CudaLayerVsNative().setup("native", TINY)
 
 
+@pytest.mark.slow  # the whole report; the quick tier has the benchmark classes
 def test_report_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "report.json"
     assert report.main(["--shapes", TINY, "--repeats", "1", "--model-input", "2x3x8x8", "--json", str(out)]) == 0

@@ -92,6 +92,7 @@ def test_bad_arguments_are_one_line_errors(args, message):
     assert out.stderr.count("\n") == 1, out.stderr
 
 
+@pytest.mark.slow  # measures every site; the quick tier has test_planner
 @pytest.mark.skipif(importlib.util.find_spec("ckptnorm.torch.planner") is None, reason="planner not available")
 def test_plan_prints_a_plan_and_writes_json(tmp_path):
     path = tmp_path / "plan.json"

@@ -366,6 +366,7 @@ def test_frozen_bn_parameters_stay_frozen():
     assert conv.get_submodule("bn").bias.requires_grad
 
 
+@pytest.mark.slow  # about 19 s cold; test_convert has other fallback cases in the quick tier
 def test_untraceable_model_falls_back_to_sequential():
     torch.manual_seed(0)
     model = randomize_bn(Untraceable()).double()

@@ -182,6 +182,7 @@ def _skip_or_fail(why):
     pytest.skip(why)
 
 
+@pytest.mark.slow  # compiles every kernel to PTX (CI also runs it on its own)
 def test_kernels_compile_for_a_real_gpu():
     """Every kernel type-checks and compiles to PTX for sm_90 (the simulator runs plain Python and checks neither).
 

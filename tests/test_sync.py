@@ -183,6 +183,7 @@ def _check_case(case, rank, sizes, device, group=None):
     dist.barrier(group=group)
 
 
+@pytest.mark.serial  # spawns a process group
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_strategy_matches_single_process_batchnorm(world, tmp_path):
@@ -216,6 +217,7 @@ def _group_of_one_rank(rank, world, store):
     dist.destroy_process_group()
 
 
+@pytest.mark.serial  # spawns a process group
 @pytest.mark.timeout(120)
 def test_group_of_one_and_sync_3d_layer(tmp_path):
     _run_ranks(_group_of_one_rank, 1, tmp_path)
@@ -268,6 +270,7 @@ def _ddp_rank(rank, world, store):
     dist.destroy_process_group()
 
 
+@pytest.mark.serial  # spawns a process group
 @pytest.mark.timeout(120)
 def test_ddp_training_step_matches_single_process(tmp_path):
     _run_ranks(_ddp_rank, 2, tmp_path)
@@ -310,6 +313,7 @@ def _failing_rank(rank, world, store, how):
     os._exit(0)
 
 
+@pytest.mark.serial  # spawns a process group
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("how", ["exit_before_backward", "stall"])
 def test_dead_or_stalled_rank_raises_ckptnorm_error(how, tmp_path):
@@ -424,12 +428,14 @@ def _nccl_one_gpu(rank, world, store):
         weight.grad = bias.grad = None
 
 
+@pytest.mark.serial  # spawns a process group
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not _nccl_ok(1), reason="needs a CUDA GPU and NCCL")
 def test_nccl_reducer_on_one_gpu(tmp_path):
     _run_ranks(_nccl_one_gpu, 1, tmp_path, deadline=240)
 
 
+@pytest.mark.serial  # spawns a process group
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not _nccl_ok(2), reason="needs 2 CUDA GPUs and NCCL")
 def test_nccl_matches_single_process(tmp_path):
