@@ -163,15 +163,13 @@ class Strategy:
                                                              for_backward and self.needs_input_range(act))
         else:
             mean, var, invstd = running_mean, None, (running_var + eps) ** -0.5
-        if not for_backward:
-            decision = CallDecision(mean, invstd, var, count, ())
-            decision.set_affine(gamma)
-            return decision
-        keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax, residual,
-                                  residual_range)
-        if residual is not None:
-            keep = keep + ("residual",)
-        recipe = self.output_recipe(training, training and reducer is not None, residual is not None)
+        keep, reason, recipe = (), "", OutputRecipe.NONE
+        if for_backward:
+            keep, reason = self._keep(backend, x, layout, gamma, beta, act, training, mean, invstd, xmin, xmax,
+                                      residual, residual_range)
+            if residual is not None:
+                keep = keep + ("residual",)
+            recipe = self.output_recipe(training, training and reducer is not None, residual is not None)
         decision = CallDecision(mean, invstd, var, count, keep, reason, recipe)
         decision.set_affine(gamma)
         return decision

@@ -22,6 +22,7 @@ class _CompileTimer(event.Listener):
     def __init__(self):
         self.depth = 0
         self.started = 0.0
+        self.family = None  # the outermost compilation's kernel, module.function
         self.current_test = None
         self.by_test = collections.Counter()
         self.by_family = collections.Counter()
