@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from numba import njit
+from numpy.lib.stride_tricks import as_strided
 
 from kernel_data import (ACTIVATION_SPECS, HALF_FORMATS, RESIDUAL_SPECS, all_half_bits, empty_as, half_from_bits,
                          half_to_bits, make, narrowing_cases, out_tol, stored_as, to_layout, to_ncs, tol, values_of)
@@ -96,7 +97,8 @@ def test_residual_primitives(shape, residual_kind, dtype, layout, act):
     rng = np.random.default_rng(5)
     r = (rng.standard_normal(shape) * 1.5).astype(dtype)
     if residual_kind == "expanded":  # one value per channel, broadcast: all strides but the channel's are 0
-        r = np.broadcast_to(r[:1, :, :1], shape)
+        # a writeable view, as an expanded tensor's is (np.broadcast_to's is read-only: a kernel type of its own)
+        r = as_strided(r[:1, :, :1], shape, (0, r.strides[1], 0))
     scale = gamma * invstd
     bc = lambda v: v[None, :, None]  # noqa: E731
     x64, dz64, r64 = x.astype(np.float64), dz.astype(np.float64), r.astype(np.float64)
@@ -130,7 +132,7 @@ def test_residual_primitives(shape, residual_kind, dtype, layout, act):
         zl = to_layout(act.forward(pre), layout)  # float64 z: isolates the kernel from z's rounding
         y = act.inverse(act.forward(pre)) - r64  # and from the inverse's conditioning: y, phi' as the oracle has them
         dy = dz64 * act.derivative_from_output(act.forward(pre))
-        rl64 = to_layout(np.broadcast_to(r64, shape), layout)
+        rl64 = to_layout(r64, layout)
         s_dy, s_dyy = BACKEND.reduce_from_output(zl, dzl, layout, beta, act, residual=rl64)
         np.testing.assert_allclose(s_dy, dy.sum(axis=(0, 2)), rtol=1e-9, atol=1e-9)
         np.testing.assert_allclose(s_dyy, (dy * (y - bc(beta))).sum(axis=(0, 2)), rtol=1e-8, atol=1e-8)

@@ -41,15 +41,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_tiles import (TILE, LayoutKernels, _chunking, _combine, _from_input_row, _from_input_tile, _from_output_row,
-                        _from_output_tile, _jit, _reduce_jit, act_forward_tile)
+from .cpu_tiles import (PRANGE_ONLY, TILE, LayoutKernels, _chunking, _combine, _from_input_row, _from_input_tile,
+                        _from_output_row, _from_output_tile, _jit, _reduce_jit, act_forward_tile)
 from .storage import narrow, widen
 
 # -- per-channel statistics ---------------------------------------------------------------------------------------
 # One pass, float64 sums of (x - shift) and (x - shift)^2 with shift = first element of the channel: the shift
 # removes the cancellation of E[x^2] - E[x]^2 when |mean| >> std.  min/max only when asked (inplace_abn's ELU
 # check): the comparisons would keep the sums from vectorizing.
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def stats_ncs(x, mean, var, xmin, xmax, with_range):
     n_batch, channels, spatial = x.shape
     count = n_batch * spatial
@@ -76,7 +76,7 @@ def stats_ncs(x, mean, var, xmin, xmax, with_range):
         xmax[c] = hi
 
 
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def stats_nsc(x, mean, var, xmin, xmax, with_range):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -119,7 +119,7 @@ def stats_nsc(x, mean, var, xmin, xmax, with_range):
 
 
 # -- normalize + activation (out may be x itself: each tile is read before it is written) -------------------------
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def normalize_act_ncs(x, out, mean, scale, beta, kind, p, residual):
     n_batch, channels, spatial = x.shape
     for i in prange(n_batch * channels):
@@ -141,7 +141,7 @@ def normalize_act_ncs(x, out, mean, scale, beta, kind, p, residual):
                 out_t[j] = narrow(y[j], out_t)
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def normalize_act_nsc(x, out, mean, scale, beta, kind, p, residual):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -162,7 +162,7 @@ def normalize_act_nsc(x, out, mean, scale, beta, kind, p, residual):
 
 
 # -- backward reduction from the input x (y and xhat recomputed on the fly) --------------------------------------
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat, residual):
     n_batch, channels, spatial = x.shape
     for c in prange(channels):
@@ -185,7 +185,7 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
         sum_dy_xhat[c] = s_dyu * invstd[c]
 
 
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum_dy_xhat, residual):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -210,7 +210,7 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, kind, p, sum_dy, sum
 
 
 # -- backward reduction from the output z (y = phi^-1(z); no xhat, no x) -----------------------------------------
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual):
     n_batch, channels, spatial = z.shape
     for c in prange(channels):
@@ -232,7 +232,7 @@ def reduce_from_output_ncs(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual)
         sum_dy_ybeta[c] = s_dyy
 
 
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual):
     n_batch, spatial, channels = z.shape
     rows = n_batch * spatial
@@ -254,7 +254,7 @@ def reduce_from_output_nsc(z, dz, beta, kind, p, sum_dy, sum_dy_ybeta, residual)
 
 
 # -- dx from the input x -------------------------------------------------------------------------------------------
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def dx_from_input_ncs(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, channels, spatial = x.shape
     for i in prange(n_batch * channels):
@@ -277,7 +277,7 @@ def dx_from_input_ncs(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
                     dres_t[j] = narrow(widen(dz_t[j]) * g[j], dres_t)
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def dx_from_input_nsc(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -299,7 +299,7 @@ def dx_from_input_nsc(x, dz, dx, mean, scale, beta, kind, p, coef_dy, coef_u, co
 
 
 # -- dx from the output z ------------------------------------------------------------------------------------------
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def dx_from_output_ncs(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, channels, spatial = z.shape
     for i in prange(n_batch * channels):
@@ -321,7 +321,7 @@ def dx_from_output_ncs(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, re
                     dres_t[j] = narrow(widen(dz_t[j]) * g[j], dres_t)
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def dx_from_output_nsc(z, dz, dx, beta, kind, p, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, spatial, channels = z.shape
     rows = n_batch * spatial

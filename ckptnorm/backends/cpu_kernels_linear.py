@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .cpu_tiles import LayoutKernels, _chunking, _combine, _jit, _reduce_jit
+from .cpu_tiles import PRANGE_ONLY, LayoutKernels, _chunking, _combine, _jit, _reduce_jit
 from .storage import narrow, widen
 
 
@@ -72,7 +72,7 @@ def _dy_from_output(zv, dzv, slope, residual, i0, i1, i2):
 
 
 # -- normalize + activation ---------------------------------------------------------------------------------------
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def normalize_act_ncs(x, out, mean, scale, beta, slope, residual):
     n_batch, channels, spatial = x.shape
     for i in prange(n_batch * channels):
@@ -85,7 +85,7 @@ def normalize_act_ncs(x, out, mean, scale, beta, slope, residual):
             out_r[s] = narrow(_phi(y, slope), out_r)
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def normalize_act_nsc(x, out, mean, scale, beta, slope, residual):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -101,7 +101,7 @@ def normalize_act_nsc(x, out, mean, scale, beta, slope, residual):
 
 
 # -- backward reductions ------------------------------------------------------------------------------------------
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_dy, sum_dy_xhat, residual):
     n_batch, channels, spatial = x.shape
     for c in prange(channels):
@@ -118,7 +118,7 @@ def reduce_from_input_ncs(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_
         sum_dy_xhat[c] = s_dyu * invstd[c]
 
 
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_dy, sum_dy_xhat, residual):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -140,7 +140,7 @@ def reduce_from_input_nsc(x, dz, mean, invstd, scale, beta, slope, at_zero, sum_
         sum_dy_xhat[c] *= invstd[c]
 
 
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def reduce_from_output_ncs(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
     n_batch, channels, spatial = z.shape
     for c in prange(channels):
@@ -157,7 +157,7 @@ def reduce_from_output_ncs(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
         sum_dy_ybeta[c] = s_dyy
 
 
-@njit(parallel=True, **_reduce_jit)
+@njit(parallel=PRANGE_ONLY, **_reduce_jit)
 def reduce_from_output_nsc(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
     n_batch, spatial, channels = z.shape
     rows = n_batch * spatial
@@ -177,7 +177,7 @@ def reduce_from_output_nsc(z, dz, beta, slope, sum_dy, sum_dy_ybeta, residual):
 
 
 # -- dx (and dres = dy at residual sites) ---------------------------------------------------------------------------
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def dx_from_input_ncs(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, channels, spatial = x.shape
     for i in prange(n_batch * channels):
@@ -193,7 +193,7 @@ def dx_from_input_ncs(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coe
                 dres[n, c, s] = narrow(dy, dres)
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def dx_from_input_nsc(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, spatial, channels = x.shape
     rows = n_batch * spatial
@@ -211,7 +211,7 @@ def dx_from_input_nsc(x, dz, dx, mean, scale, beta, slope, at_zero, coef_dy, coe
                     dres[n, s, c] = narrow(dy, dres)
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def dx_from_output_ncs(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, channels, spatial = z.shape
     for i in prange(n_batch * channels):
@@ -227,7 +227,7 @@ def dx_from_output_ncs(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, resi
                 dres[n, c, s] = narrow(dy, dres)
 
 
-@njit(parallel=True, **_jit)
+@njit(parallel=PRANGE_ONLY, **_jit)
 def dx_from_output_nsc(z, dz, dx, beta, slope, coef_dy, coef_u, coef_const, residual, dres):
     n_batch, spatial, channels = z.shape
     rows = n_batch * spatial
