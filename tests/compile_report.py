@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import time
 
 from numba.core import event
-
-ENV = "CKPTNORM_COMPILE_REPORT"
-
 
 class _CompileTimer(event.Listener):
     def __init__(self):
@@ -84,8 +80,3 @@ class CompileReport:
                        "compile_seconds_by_family": self.timer.by_family,
                        "compiles_by_family": self.timer.count_by_family,
                        "compile_seconds_by_test": {k or "": v for k, v in self.timer.by_test.items()}}, fh, indent=1)
-
-
-def plugin_from_environment():
-    path = os.environ.get(ENV)
-    return CompileReport(path) if path else None

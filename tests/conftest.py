@@ -34,9 +34,10 @@ def pytest_configure(config):
         "beside it (the README's test command runs these after the parallel part)")
     # CKPTNORM_COMPILE_REPORT=FILE: Numba compile time per test file and kernel family (tests/compile_report.py);
     # imported here, after NUMBA_ENABLE_CUDASIM is settled above.
-    if os.environ.get("CKPTNORM_COMPILE_REPORT"):
-        from compile_report import plugin_from_environment
-        config.pluginmanager.register(plugin_from_environment(), "ckptnorm_compile_report")
+    report_path = os.environ.get("CKPTNORM_COMPILE_REPORT")
+    if report_path:
+        from compile_report import CompileReport
+        config.pluginmanager.register(CompileReport(report_path), "ckptnorm_compile_report")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers

@@ -40,9 +40,7 @@ _jit = dict(cache=True, nogil=True)
 # The kernels' ``parallel=``: only their explicit ``prange`` loops run in parallel.  Numba's other conversions to
 # parallel loops (array expressions, reductions, ``np.zeros`` and friends) have nothing to gain in these kernels,
 # and their analysis costs compile time on every specialization (all kernels, one float32 signature per layout,
-# empty cache: 50 s with ``parallel=True``, 44 s with this; run time the same within noise).  ``parallel=True``
-# itself is most of the compile time (a dx kernel: 1.9-3.2 s against 0.6-0.8 s serial), and a serial kernel split
-# over Python threads did not scale on 2 cores (helper threads sleep between calls; Numba's OpenMP threads spin).
+# empty cache: 50 s with ``parallel=True``, 44 s with this; run time the same within noise).
 PRANGE_ONLY = dict(prange=True, fusion=False, comprehension=False, setitem=False, reduction=False, numpy=False,
                    stencil=False, inplace_binop=False)
 # Reductions may reorder their float64 sums (vectorized partial sums); the order is fixed at compile time, so
