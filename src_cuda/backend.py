@@ -86,8 +86,10 @@ class CUDABackend(Backend):
                              "tip: pass it in the activation's memory order (an expanded view is fine)")
         return ak, True
 
-    def _launch(self, kernel, blocks, *args):
-        kernel[blocks, geometry.THREADS_PER_BLOCK, self.stream](*args)
+    def _launch(self, kernel, launch, *args):
+        """Launch ``kernel`` with ``launch = (blocks, threads per block)`` from ``geometry`` on this stream."""
+        blocks, threads = launch
+        kernel[blocks, threads, self.stream](*args)
 
     @staticmethod
     def _dims(shape, channels_last):
@@ -99,7 +101,7 @@ class CUDABackend(Backend):
         cl = _channels_last(layout)
         xk = self._arg(x)
         n_batch, channels, spatial = self._dims(xk.shape, cl)
-        tile, n_part, blocks = geometry.reduce_geometry(n_batch * spatial, channels, cl)
+        tile, lanes, n_part, blocks = geometry.reduce_geometry(n_batch * spatial, channels, cl)
         with_range = bool(with_range)
         mean, var = self._allocate((channels,), np.float64), self._allocate((channels,), np.float64)
         xmin = xmax = None
@@ -108,11 +110,11 @@ class CUDABackend(Backend):
         if channels == 0:
             return mean, var, xmin, xmax
         part = self._arg(self._allocate((4 if with_range else 2, channels, n_part), np.float64))
-        self._launch(kernels.stats_partials, blocks, xk, cl, tile, n_part, with_range, part)
+        self._launch(kernels.stats_partials, (blocks, tile * lanes), xk, cl, tile, n_part, with_range, part)
         mean_k, var_k = self._arg(mean), self._arg(var)
         # without a range, xmin/xmax are never written: mean/var stand in (same types, no extra compilation)
         lo_k, hi_k = (self._arg(xmin), self._arg(xmax)) if with_range else (mean_k, var_k)
-        self._launch(kernels.stats_finalize, geometry.finalize_blocks(channels),
+        self._launch(kernels.stats_finalize, geometry.finalize_launch(channels),
                      xk, cl, part, n_part, with_range, mean_k, var_k, lo_k, hi_k)
         return mean, var, xmin, xmax
 
@@ -123,7 +125,7 @@ class CUDABackend(Backend):
         total = int(np.prod(xk.shape))
         if total == 0:
             return
-        self._launch(kernels.normalize_act, geometry.elementwise_blocks(total), xk, self._arg(out), cl,
+        self._launch(kernels.normalize_act, geometry.elementwise_launch(total), xk, self._arg(out), cl,
                      self._arg(mean), self._arg(scale), self._arg(beta), act.kernel_code, float(act.param), rk, has_r)
 
     def _sums(self, partials_kernel, x, dz, layout, args, residual, scale_second):
@@ -133,17 +135,17 @@ class CUDABackend(Backend):
         xk, dzk = self._arg(x), self._arg(dz)
         rk, has_r = self._optional(residual, dzk, xk, "residual")  # stand-in: dz, the same type as most residuals
         n_batch, channels, spatial = self._dims(xk.shape, cl)
-        tile, n_part, blocks = geometry.reduce_geometry(n_batch * spatial, channels, cl)
+        tile, lanes, n_part, blocks = geometry.reduce_geometry(n_batch * spatial, channels, cl)
         first, second = self._allocate((channels,), np.float64), self._allocate((channels,), np.float64)
         if channels == 0:
             return first, second
         part = self._arg(self._allocate((2, channels, n_part), np.float64))
-        self._launch(partials_kernel, blocks, xk, dzk, cl, *(self._arg(a) for a in args[:-2]), *args[-2:], rk, has_r,
-                     tile, n_part, part)
+        self._launch(partials_kernel, (blocks, tile * lanes), xk, dzk, cl, *(self._arg(a) for a in args[:-2]),
+                     *args[-2:], rk, has_r, tile, n_part, part)
         first_k, second_k = self._arg(first), self._arg(second)
         has_scale = scale_second is not None
         scale_k = self._arg(scale_second) if has_scale else first_k  # never read without has_scale
-        self._launch(kernels.sums_finalize, geometry.finalize_blocks(channels),
+        self._launch(kernels.sums_finalize, geometry.finalize_launch(channels),
                      part, n_part, scale_k, has_scale, first_k, second_k)
         return first, second
 
@@ -165,7 +167,7 @@ class CUDABackend(Backend):
         total = int(np.prod(srck.shape))
         if total == 0:
             return
-        self._launch(kernel, geometry.elementwise_blocks(total), srck, dzk, dxk, cl,
+        self._launch(kernel, geometry.elementwise_launch(total), srck, dzk, dxk, cl,
                      *(self._arg(a) for a in channel_args), act.kernel_code, float(act.param),
                      *(self._arg(k) for k in coefs), *optional)
 

@@ -27,7 +27,12 @@ REDUCE_ITEMS_PER_THREAD = 16
 REDUCE_TARGET_BLOCKS = 1024
 # Hard cap on partials per channel: the finalize kernel folds them serially, one thread per channel.
 REDUCE_MAX_PARTIALS = 256
-# A reduction block covers a tile of channels, THREADS_PER_BLOCK // tile lanes (threads) per channel.
+# A launch with less work than one full block gets only the threads that have work, rounded up to whole warps
+# (at least one warp): the same work on a GPU, and a fraction of the threads for the simulator, which runs each
+# thread as a Python thread.
+WARP_SIZE = 32
+# A reduction block covers a tile of channels, THREADS_PER_BLOCK // tile lanes (threads) per channel (fewer when a
+# channel has fewer rows, see WARP_SIZE).
 # Channels-last: a warp reads up to 32 consecutive channels of a row (coalesced); fewer channels than 32 shrink the
 # tile to the next power of 2, so that no lanes idle.
 NSC_MAX_CHANNEL_TILE = 32
@@ -45,22 +50,30 @@ _jit = dict(cache=True)
 
 
 # -- host-side geometry (depends on the shape only: deterministic) --------------------------------------------------
-def elementwise_blocks(total):
-    """Blocks of THREADS_PER_BLOCK threads for an elementwise kernel over ``total`` elements."""
+def _whole_warps(threads):
+    """``threads`` rounded up to whole warps: at least one, at most THREADS_PER_BLOCK."""
+    return min(THREADS_PER_BLOCK, max(WARP_SIZE, -(-threads // WARP_SIZE) * WARP_SIZE))
+
+
+def elementwise_launch(total):
+    """``(blocks, threads per block)`` for an elementwise kernel over ``total`` elements."""
     per_block = THREADS_PER_BLOCK * ELEMENTWISE_ITEMS_PER_THREAD
-    return max(1, min(-(-total // per_block), ELEMENTWISE_MAX_BLOCKS))
+    blocks = max(1, min(-(-total // per_block), ELEMENTWISE_MAX_BLOCKS))
+    if blocks > 1:
+        return blocks, THREADS_PER_BLOCK
+    return 1, _whole_warps(-(-total // ELEMENTWISE_ITEMS_PER_THREAD))
 
 
-def finalize_blocks(channels):
-    """Blocks for a finalize kernel: one thread per channel."""
-    return max(1, -(-channels // THREADS_PER_BLOCK))
+def finalize_launch(channels):
+    """``(blocks, threads per block)`` for a finalize kernel: one thread per channel."""
+    return max(1, -(-channels // THREADS_PER_BLOCK)), _whole_warps(channels)
 
 
 def reduce_geometry(rows, channels, channels_last):
-    """Return ``(tile, n_part, blocks)`` for a reduction over ``rows`` = N*S elements of each of ``channels``.
+    """Return ``(tile, lanes, n_part, blocks)`` for a reduction over ``rows`` = N*S elements of each of ``channels``.
 
-    A block covers ``tile`` consecutive channels with THREADS_PER_BLOCK // tile lanes each; each channel tile is
-    split over ``n_part`` blocks, each writing one partial per channel.
+    A block covers ``tile`` consecutive channels with ``lanes`` threads each (``tile * lanes`` threads, the block's
+    size at launch); each channel tile is split over ``n_part`` blocks, each writing one partial per channel.
     """
     tile = 1
     if channels_last:
@@ -70,10 +83,14 @@ def reduce_geometry(rows, channels, channels_last):
         while tile < min(channels, NCS_MAX_CHANNEL_TILE) and THREADS_PER_BLOCK // (2 * tile) >= rows:
             tile *= 2
     lanes = THREADS_PER_BLOCK // tile
+    # fewer rows than lanes: only the lanes that get a row, as a power of 2 (a block of whole warps), at least one
+    # warp per block
+    while lanes > 1 and lanes // 2 >= rows and tile * lanes > WARP_SIZE:
+        lanes //= 2
     tiles = max(1, -(-channels // tile))
     n_part = -(-rows // (lanes * REDUCE_ITEMS_PER_THREAD))
     n_part = max(1, min(n_part, -(-REDUCE_TARGET_BLOCKS // tiles), REDUCE_MAX_PARTIALS))
-    return tile, n_part, tiles * n_part
+    return tile, lanes, n_part, tiles * n_part
 
 
 # -- indexing helpers -----------------------------------------------------------------------------------------------
@@ -130,7 +147,7 @@ def _reduce_coords(channels_last, tile, n_part, spatial):
     Thread t holds lane ``lane`` of channel ``tx`` of the block's tile; its shared-memory slot is t.
     """
     t = int64(cuda.threadIdx.x)
-    lanes = THREADS_PER_BLOCK // tile
+    lanes = int64(cuda.blockDim.x) // tile
     if channels_last:
         lane = t // tile  # t = lane * tile + tx: a warp spans the tile's channels of consecutive rows
         tx = t - lane * tile
@@ -176,7 +193,7 @@ def _block_fold(sh, nq, channels_last, tile, lane, tx, part, c, channels, b):
     Thread (lane, tx) must have stored its values in sh[q, t]; every thread of the block must call this (it holds
     the block's two barriers).
     """
-    lanes = THREADS_PER_BLOCK // tile
+    lanes = int64(cuda.blockDim.x) // tile
     fan = min(LANE_FAN, lanes)
     # slot of (lane, tx) is lane * ls + tx * ts, the thread index (see _reduce_coords)
     ls = tile if channels_last else int64(1)

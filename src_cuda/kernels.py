@@ -28,7 +28,8 @@ Invariants:
     sums in shared memory in a fixed tree order and writes one partial per channel to a float64 scratch array
     ``part[quantity, channel, block]``; a finalize kernel then folds each channel's partials in block order.  The
     launch geometry (``reduce_geometry``) depends on the shape only, never on the device, so the bits are the same
-    on every run.
+    on every run.  A reduction block's lanes per channel are ``blockDim.x // tile``: the geometry launches fewer
+    threads than THREADS_PER_BLOCK when a channel has fewer rows.
  3. Nothing activation-sized is allocated here: callers pass every output and scratch array (outputs may alias
     inputs: each element is read before it is written, by the same thread).
  4. ``dz`` and ``residual`` may have any strides (stride 0 from a ``.sum()`` or ``.expand()`` included): they are

@@ -3,7 +3,7 @@
 Runs on a real GPU, or under Numba's CUDA simulator on a CPU-only machine (tests/conftest.py turns it on).  The
 simulator runs every CUDA thread as a Python thread, so each case stays at a few thousand elements and a few
 blocks; sizes straddle the launch geometry instead (THREADS_PER_BLOCK = 256 lanes per reduction block, 1024
-elements per elementwise block, channel tiles of 1..32).
+elements per elementwise block, channel tiles of 1..32); smaller launches get fewer threads (whole warps).
 """
 from __future__ import annotations
 
@@ -256,23 +256,39 @@ def test_kernels_compile_for_a_real_gpu():
 
 # -- launch geometry --------------------------------------------------------------------------------------------------
 def test_geometry_depends_on_shape_only_and_is_bounded():
-    T = geometry.THREADS_PER_BLOCK
-    assert geometry.elementwise_blocks(0) == 1 and geometry.elementwise_blocks(1) == 1
-    assert geometry.elementwise_blocks(T * geometry.ELEMENTWISE_ITEMS_PER_THREAD + 1) == 2
-    assert geometry.elementwise_blocks(10 ** 12) == geometry.ELEMENTWISE_MAX_BLOCKS
-    for rows in (1, 17, 129, 4096, 4097, 10 ** 5, 10 ** 9):
+    T, W = geometry.THREADS_PER_BLOCK, geometry.WARP_SIZE
+    items = geometry.ELEMENTWISE_ITEMS_PER_THREAD
+    # elementwise: one thread per `items` elements in whole warps up to one block, then full blocks
+    assert geometry.elementwise_launch(0) == (1, W) and geometry.elementwise_launch(1) == (1, W)
+    assert geometry.elementwise_launch(W * items + 1) == (1, 2 * W)
+    assert geometry.elementwise_launch(T * items) == (1, T)
+    assert geometry.elementwise_launch(T * items + 1) == (2, T)
+    assert geometry.elementwise_launch(10 ** 12) == (geometry.ELEMENTWISE_MAX_BLOCKS, T)
+    for total in (0, 1, 33, 129, 1023, 1024, 1025, 10 ** 6):
+        blocks, threads = geometry.elementwise_launch(total)
+        assert threads % W == 0 and W <= threads <= T and blocks * threads * items >= min(total, 10 ** 6)
+    # finalize: one thread per channel
+    assert geometry.finalize_launch(3) == (1, W) and geometry.finalize_launch(33) == (1, 2 * W)
+    assert geometry.finalize_launch(T + 1) == (2, T)
+    for rows in (0, 1, 5, 17, 129, 4096, 4097, 10 ** 5, 10 ** 9):
         for channels in (1, 3, 17, 64, 2048):
             for cl in (False, True):
-                tile, n_part, blocks = geometry.reduce_geometry(rows, channels, cl)
-                assert (tile, n_part, blocks) == geometry.reduce_geometry(rows, channels, cl)
-                assert tile & (tile - 1) == 0 and T // tile >= (8 if cl else 32)
+                tile, lanes, n_part, blocks = geometry.reduce_geometry(rows, channels, cl)
+                assert (tile, lanes, n_part, blocks) == geometry.reduce_geometry(rows, channels, cl)
+                assert tile & (tile - 1) == 0 and lanes & (lanes - 1) == 0
+                # whole warps, at most one full block; fewer than the full block's lanes only for fewer rows
+                assert W <= tile * lanes <= T and (tile * lanes) % W == 0
+                assert lanes >= min(T // tile, max(rows, W // tile)) and (lanes == 1 or lanes // 2 < max(rows, 1)
+                                                                          or tile * lanes == W)
+                assert T // tile >= (8 if cl else 32)
                 assert 1 <= n_part <= geometry.REDUCE_MAX_PARTIALS
                 assert blocks == -(-channels // tile) * n_part
-                assert n_part == 1 or rows > (T // tile) * geometry.REDUCE_ITEMS_PER_THREAD * (n_part - 1)
-    assert geometry.reduce_geometry(17, 17, False)[0] == 8  # few rows: up to 8 channels per "ncs" block
-    assert geometry.reduce_geometry(257, 17, False)[0] == 1
-    assert geometry.reduce_geometry(5, 3, True)[0] == 4  # 3 channels: a tile of 4 in "nsc"
-    assert geometry.reduce_geometry(5, 100, True)[0] == 32
+                assert n_part == 1 or rows > lanes * geometry.REDUCE_ITEMS_PER_THREAD * (n_part - 1)
+    assert geometry.reduce_geometry(17, 17, False)[:2] == (8, 32)  # few rows: up to 8 channels per "ncs" block
+    assert geometry.reduce_geometry(257, 17, False)[:2] == (1, T)
+    assert geometry.reduce_geometry(100, 1, False)[:2] == (1, 128)  # 100 rows: 128 lanes, not 256
+    assert geometry.reduce_geometry(5, 3, True)[:2] == (4, 8)  # 3 channels: a tile of 4 in "nsc", one warp
+    assert geometry.reduce_geometry(5, 100, True)[:2] == (32, 8)  # 5 rows: 8 lanes (the next power of 2)
 
 
 # -- statistics -------------------------------------------------------------------------------------------------------
@@ -507,7 +523,7 @@ PARTIAL_CASES = [("ncs", (1, 1, 4500)), ("nsc", (1, 3, 1100))]
 @pytest.mark.parametrize("layout,shape", PARTIAL_CASES, ids=str)
 def test_several_partials_per_channel_bitwise_deterministic(layout, shape):
     rows = shape[0] * shape[2]
-    assert geometry.reduce_geometry(rows, shape[1], layout == "nsc")[1] >= 2
+    assert geometry.reduce_geometry(rows, shape[1], layout == "nsc")[2] >= 2
     x, dz, mean, invstd, gamma, beta = make(shape, np.float32, seed=4)
     scale = gamma * invstd
     check_stats(shape, np.float32, layout, seed=4)
