@@ -101,7 +101,7 @@ class CUDABackend(Backend):
         cl = _channels_last(layout)
         xk = self._arg(x)
         n_batch, channels, spatial = self._dims(xk.shape, cl)
-        tile, lanes, n_part, blocks = geometry.reduce_geometry(n_batch * spatial, channels, cl)
+        tile, n_part, launch = geometry.reduce_geometry(n_batch * spatial, channels, cl)
         with_range = bool(with_range)
         mean, var = self._allocate((channels,), np.float64), self._allocate((channels,), np.float64)
         xmin = xmax = None
@@ -110,7 +110,7 @@ class CUDABackend(Backend):
         if channels == 0:
             return mean, var, xmin, xmax
         part = self._arg(self._allocate((4 if with_range else 2, channels, n_part), np.float64))
-        self._launch(kernels.stats_partials, (blocks, tile * lanes), xk, cl, tile, n_part, with_range, part)
+        self._launch(kernels.stats_partials, launch, xk, cl, tile, n_part, with_range, part)
         mean_k, var_k = self._arg(mean), self._arg(var)
         # without a range, xmin/xmax are never written: mean/var stand in (same types, no extra compilation)
         lo_k, hi_k = (self._arg(xmin), self._arg(xmax)) if with_range else (mean_k, var_k)
@@ -135,12 +135,12 @@ class CUDABackend(Backend):
         xk, dzk = self._arg(x), self._arg(dz)
         rk, has_r = self._optional(residual, dzk, xk, "residual")  # stand-in: dz, the same type as most residuals
         n_batch, channels, spatial = self._dims(xk.shape, cl)
-        tile, lanes, n_part, blocks = geometry.reduce_geometry(n_batch * spatial, channels, cl)
+        tile, n_part, launch = geometry.reduce_geometry(n_batch * spatial, channels, cl)
         first, second = self._allocate((channels,), np.float64), self._allocate((channels,), np.float64)
         if channels == 0:
             return first, second
         part = self._arg(self._allocate((2, channels, n_part), np.float64))
-        self._launch(partials_kernel, (blocks, tile * lanes), xk, dzk, cl, *(self._arg(a) for a in args[:-2]),
+        self._launch(partials_kernel, launch, xk, dzk, cl, *(self._arg(a) for a in args[:-2]),
                      *args[-2:], rk, has_r, tile, n_part, part)
         first_k, second_k = self._arg(first), self._arg(second)
         has_scale = scale_second is not None

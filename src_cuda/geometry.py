@@ -70,10 +70,11 @@ def finalize_launch(channels):
 
 
 def reduce_geometry(rows, channels, channels_last):
-    """Return ``(tile, lanes, n_part, blocks)`` for a reduction over ``rows`` = N*S elements of each of ``channels``.
+    """Return ``(tile, n_part, (blocks, threads per block))`` for a reduction over ``rows`` = N*S elements of each
+    of ``channels``.
 
-    A block covers ``tile`` consecutive channels with ``lanes`` threads each (``tile * lanes`` threads, the block's
-    size at launch); each channel tile is split over ``n_part`` blocks, each writing one partial per channel.
+    A block covers ``tile`` consecutive channels with ``threads // tile`` lanes (threads) each, the kernels read it
+    from ``blockDim``; each channel tile is split over ``n_part`` blocks, each writing one partial per channel.
     """
     tile = 1
     if channels_last:
@@ -90,7 +91,7 @@ def reduce_geometry(rows, channels, channels_last):
     tiles = max(1, -(-channels // tile))
     n_part = -(-rows // (lanes * REDUCE_ITEMS_PER_THREAD))
     n_part = max(1, min(n_part, -(-REDUCE_TARGET_BLOCKS // tiles), REDUCE_MAX_PARTIALS))
-    return tile, lanes, n_part, tiles * n_part
+    return tile, n_part, (tiles * n_part, tile * lanes)
 
 
 # -- indexing helpers -----------------------------------------------------------------------------------------------

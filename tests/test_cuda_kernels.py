@@ -273,22 +273,28 @@ def test_geometry_depends_on_shape_only_and_is_bounded():
     for rows in (0, 1, 5, 17, 129, 4096, 4097, 10 ** 5, 10 ** 9):
         for channels in (1, 3, 17, 64, 2048):
             for cl in (False, True):
-                tile, lanes, n_part, blocks = geometry.reduce_geometry(rows, channels, cl)
-                assert (tile, lanes, n_part, blocks) == geometry.reduce_geometry(rows, channels, cl)
-                assert tile & (tile - 1) == 0 and lanes & (lanes - 1) == 0
-                # whole warps, at most one full block; fewer than the full block's lanes only for fewer rows
-                assert W <= tile * lanes <= T and (tile * lanes) % W == 0
-                assert lanes >= min(T // tile, max(rows, W // tile)) and (lanes == 1 or lanes // 2 < max(rows, 1)
-                                                                          or tile * lanes == W)
+                tile, n_part, (blocks, threads) = geometry.reduce_geometry(rows, channels, cl)
+                assert (tile, n_part, (blocks, threads)) == geometry.reduce_geometry(rows, channels, cl)
+                lanes = threads // tile
+                assert tile & (tile - 1) == 0 and lanes & (lanes - 1) == 0 and lanes * tile == threads
+                # whole warps, at most one full block; lanes cover the rows, and fewer lanes than the full block's
+                # only where half of them would not cover the rows or the block would drop below one warp
+                assert W <= threads <= T and threads % W == 0
+                assert lanes >= min(T // tile, rows)
+                assert lanes == T // tile or lanes // 2 < rows or threads == W
                 assert T // tile >= (8 if cl else 32)
                 assert 1 <= n_part <= geometry.REDUCE_MAX_PARTIALS
                 assert blocks == -(-channels // tile) * n_part
                 assert n_part == 1 or rows > lanes * geometry.REDUCE_ITEMS_PER_THREAD * (n_part - 1)
-    assert geometry.reduce_geometry(17, 17, False)[:2] == (8, 32)  # few rows: up to 8 channels per "ncs" block
-    assert geometry.reduce_geometry(257, 17, False)[:2] == (1, T)
-    assert geometry.reduce_geometry(100, 1, False)[:2] == (1, 128)  # 100 rows: 128 lanes, not 256
-    assert geometry.reduce_geometry(5, 3, True)[:2] == (4, 8)  # 3 channels: a tile of 4 in "nsc", one warp
-    assert geometry.reduce_geometry(5, 100, True)[:2] == (32, 8)  # 5 rows: 8 lanes (the next power of 2)
+    def tile_and_lanes(rows, channels, cl):
+        tile, _, (_, threads) = geometry.reduce_geometry(rows, channels, cl)
+        return tile, threads // tile
+
+    assert tile_and_lanes(17, 17, False) == (8, 32)  # few rows: up to 8 channels per "ncs" block
+    assert tile_and_lanes(257, 17, False) == (1, T)
+    assert tile_and_lanes(100, 1, False) == (1, 128)  # 100 rows: 128 lanes, not 256
+    assert tile_and_lanes(5, 3, True) == (4, 8)  # 3 channels: a tile of 4 in "nsc", one warp
+    assert tile_and_lanes(5, 100, True) == (32, 8)  # 5 rows: 8 lanes (the next power of 2)
 
 
 # -- statistics -------------------------------------------------------------------------------------------------------
@@ -523,7 +529,7 @@ PARTIAL_CASES = [("ncs", (1, 1, 4500)), ("nsc", (1, 3, 1100))]
 @pytest.mark.parametrize("layout,shape", PARTIAL_CASES, ids=str)
 def test_several_partials_per_channel_bitwise_deterministic(layout, shape):
     rows = shape[0] * shape[2]
-    assert geometry.reduce_geometry(rows, shape[1], layout == "nsc")[2] >= 2
+    assert geometry.reduce_geometry(rows, shape[1], layout == "nsc")[1] >= 2
     x, dz, mean, invstd, gamma, beta = make(shape, np.float32, seed=4)
     scale = gamma * invstd
     check_stats(shape, np.float32, layout, seed=4)
