@@ -77,6 +77,30 @@ def test_import_is_light():
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
+def test_cuda_kernels_import_from_a_source_checkout():
+    """Run from the working tree without ``pip install`` (PYTHONPATH=., as on a lent GPU machine), ``src_cuda/`` is
+    ``ckptnorm._cuda``: simulated here by removing the editable install's finder before the first import."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "import ckptnorm\n"
+        "assert 'numba' not in sys.modules\n"
+        "import ckptnorm._cuda.geometry as geometry\n"
+        "print(geometry.__file__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == os.path.join(root, "src_cuda", "geometry.py")
+    finder = ckptnorm._SourceTreeCuda(os.path.join(root, "src_cuda"))
+    spec = finder.find_spec("ckptnorm._cuda")
+    assert spec.origin == os.path.join(root, "src_cuda", "__init__.py")
+    assert spec.submodule_search_locations == [os.path.join(root, "src_cuda")]
+    assert finder.find_spec("ckptnorm.other") is None  # no other module is redirected
+
+
 # -- activations -------------------------------------------------------------------------------------------------
 ALL_ACTS = [("identity", None), ("leaky_relu", 0.01), ("leaky_relu", 0.2), ("elu", 1.0), ("elu", 0.5),
             ("relu", None), ("silu", None), ("gelu", None), ("celu", 1.0), ("celu", 0.5), ("selu", None),
