@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ckptnorm import PrecisionFallbackWarning, get_activation, get_strategy, reference
 from ckptnorm.torch import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from ckptnorm.torch.equivalence import NATIVE_ERROR_BOUNDS, error_bound
 
 STRATEGIES = ["standard", "checkpoint", "efficient_checkpoint", "inplace_abn"]
 ACTIVATIONS = [("identity", None), ("leaky_relu", 0.01), ("elu", 1.0), ("relu", None), ("silu", None), ("gelu", None)]
@@ -45,7 +46,7 @@ LAYOUTS = {  # name: (shape, module class, memory format)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL_F64 = 1e-10
 TOL_F32_VS_NATIVE = 1e-4
-FP32_UNIT_ROUNDOFF = 2.0 ** -24
+FP32_UNIT_ROUNDOFF = NATIVE_ERROR_BOUNDS[torch.float32][1]
 
 
 def rel_err(a, ref):
@@ -205,7 +206,7 @@ def check_equivalence(strategy, act, param, dtype, layout, training, affine, tra
             assert err_ref < TOL_F64, f"{name}: vs reference {err_ref:.2e}"
         else:
             assert err_nat < TOL_F32_VS_NATIVE, f"{name}: vs native {err_nat:.2e}"
-            bound = 2.0 * max(err_torch, FP32_UNIT_ROUNDOFF)
+            bound = error_bound(err_torch, dtype)
             assert err_ref <= bound, f"{name}: error {err_ref:.2e} > 2x PyTorch's {err_torch:.2e}"
 
 

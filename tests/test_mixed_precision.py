@@ -17,9 +17,10 @@ from torch import nn
 
 from ckptnorm import PrecisionFallbackWarning
 from ckptnorm.torch import BatchNormAct2d, SavedTensorsCounter, batch_norm_act, convert, use_backend
+from ckptnorm.torch.equivalence import NATIVE_ERROR_BOUNDS, error_bound
 
 HALF = [torch.float16, torch.bfloat16]
-UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+UNIT_ROUNDOFF = {dtype: NATIVE_ERROR_BOUNDS[dtype][1] for dtype in HALF}
 STRATEGIES = ["standard", "checkpoint", "efficient_checkpoint", "inplace_abn"]
 
 
@@ -67,10 +68,9 @@ def test_error_within_1_5x_native(dtype, strategy, act, param, channels_last):
     assert ours[2].dtype == torch.float32 and ours[4].dtype == torch.float32  # parameters, statistics: float32
     assert ours[0].is_contiguous(memory_format=torch.channels_last) == channels_last
     assert ours[1].is_contiguous(memory_format=torch.channels_last) == channels_last
-    floor = UNIT_ROUNDOFF[dtype]
     for name, o, n, t in zip(("z", "dx", "dweight", "dbias", "running_mean", "running_var"), ours, native, truth):
-        ratio = max(_error(o, t), floor) / max(_error(n, t), floor)
-        assert ratio <= 1.5, f"{name}: ckptnorm error {_error(o, t):.3g} vs native {_error(n, t):.3g}"
+        assert _error(o, t) <= error_bound(_error(n, t), dtype), \
+            f"{name}: ckptnorm error {_error(o, t):.3g} vs native {_error(n, t):.3g}"
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])

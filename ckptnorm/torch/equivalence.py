@@ -21,6 +21,11 @@ say where).  The largest error over the steps is kept; ``max`` is the largest of
 
 Checking several conversions of one model: ``ref = trace(original, inputs)`` runs the original once, and
 ``check_equivalence(original, converted, inputs, reference=ref)`` reuses it (same ``steps``, ``seed``, ``lr``).
+
+Below float64 the two cannot agree to 1e-10; there the bound is relative to PyTorch's own rounding:
+``error_bound(native_error, dtype)`` is how far a ckptnorm result may be from a float64 truth computed from the same
+rounded inputs, given PyTorch's native BN + activation's error at that dtype (``NATIVE_ERROR_BOUNDS``; the
+equivalence and mixed-precision tests and ``benchmarks.gpu_check`` all use it).
 """
 from __future__ import annotations
 
@@ -33,9 +38,26 @@ import torch
 
 from .zoo import flatten_outputs, training_loss
 
-__all__ = ["Equivalence", "Trace", "check_equivalence", "trace"]
+__all__ = ["Equivalence", "NATIVE_ERROR_BOUNDS", "Trace", "check_equivalence", "error_bound", "trace"]
 
 _STAT_SUFFIXES = ("running_mean", "running_var")
+
+# dtype: (factor, floor).  A ckptnorm result's error (max|a - b| / max|b| against the float64 truth) may be
+# ``factor`` times PyTorch's own error at that dtype, floored at the format's unit roundoff: no result stored in the
+# format is more exact than its rounding, and below that the ratio of two errors is noise.  The factors are the
+# project's acceptance bounds: 2x for float32, 1.5x for the half formats (float32 parameters and statistics).
+NATIVE_ERROR_BOUNDS = {
+    torch.float32: (2.0, 2.0 ** -24),
+    torch.float16: (1.5, 2.0 ** -11),
+    torch.bfloat16: (1.5, 2.0 ** -8),
+}
+
+
+def error_bound(native_error, dtype) -> float:
+    """The largest error (normwise, against a float64 truth) a ckptnorm result at ``dtype`` may have, given PyTorch's
+    native error on the same inputs; see ``NATIVE_ERROR_BOUNDS``."""
+    factor, floor = NATIVE_ERROR_BOUNDS[dtype]
+    return factor * max(native_error, floor)
 
 
 @dataclass(frozen=True)
