@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import bench_cuda, bench_kernels, bench_layer, bench_model, common, report  # noqa: E402
+from benchmarks import bench_cuda, bench_kernels, bench_layer, bench_model, common, gpu_check, report  # noqa: E402
 
 TINY = "2x4x6x6"
 BUFFER = 2 * 4 * 6 * 6  # elements of one activation-sized tensor at TINY
@@ -96,3 +96,46 @@ def test_report_runs_and_writes_json(tmp_path, capsys):
     assert [r["strategy"] for r in data["model"]["rows"]] == common.STRATEGIES
     assert data["first_call_seconds"] > 0
     assert all(set(t) == {"target", "met", "value"} for t in data["targets"]) and len(data["targets"]) == 10
+
+
+# -- the GPU check (benchmarks/gpu_check.py; CI runs it whole with --simulate) ------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_gpu_check_without_a_gpu_says_so_and_measures_nothing(capsys):
+    assert gpu_check.main([]) == 0
+    assert capsys.readouterr().out.startswith("ckptnorm GPU check: no CUDA GPU here, nothing measured; tip: --simulate")
+
+
+def test_gpu_check_grid_is_every_strategy_activation_layout_dtype_mode_and_residual():
+    grid = list(gpu_check.cases())
+    keys = {tuple(c[k] for k in ("strategy", "act", "layout", "dtype_name", "training", "residual")) for c in grid}
+    assert len(keys) == len(grid) == 3 * 3 * 2 * 2 * 2 * 2 + 1 * 2 * 2 * 2 * 2  # inplace_abn: leaky_relu only
+    assert {c["strategy"] for c in grid} == {"standard", "checkpoint", "efficient_checkpoint", "inplace_abn"}
+
+
+def test_gpu_check_case_passes_and_a_wrong_result_fails(monkeypatch):
+    case = dict(strategy="efficient_checkpoint", act="leaky_relu", param=0.01, layout="channels_last",
+                dtype_name="float32", training=True, residual=True, shape=(2, 3, 4, 5), device="cpu", seed=0)
+    results = gpu_check.check_case(**case)
+    assert set(results) == {"z", "dx", "dweight", "dbias", "dresidual", "running_mean", "running_var"}
+    assert all(r["error"] <= r["bound"] for r in results.values()), results
+    import ckptnorm.torch
+    exact = ckptnorm.torch.batch_norm_act
+    monkeypatch.setattr(ckptnorm.torch, "batch_norm_act", lambda *a, **k: exact(*a, **k) * (1 + 1e-5))
+    results = gpu_check.check_case(**case)
+    assert results["z"]["error"] > results["z"]["bound"] and results["dx"]["error"] > results["dx"]["bound"]
+
+
+def test_gpu_check_records_a_crashed_section_and_runs_the_next(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", "1")
+
+    def crash(mode):
+        raise RuntimeError("no such device")
+
+    empty = {"ok": True, "shape": [2, 3, 4, 5], "cases": 0, "passed": 0, "failed": 0, "rows": []}
+    monkeypatch.setattr(gpu_check, "SECTIONS", {"tests": crash, "equivalence": lambda mode: empty})
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--simulate", "--json", str(out)]) == 1
+    report = json.loads(out.read_text())
+    assert report["sections"]["tests"]["error"] == "RuntimeError: no such device"
+    assert report["sections"]["equivalence"]["ok"] and not report["ok"]
+    assert "CRASHED: RuntimeError: no such device" in capsys.readouterr().out

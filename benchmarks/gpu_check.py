@@ -1,0 +1,273 @@
+"""The GPU check: ``python -m benchmarks.gpu_check`` verifies the CUDA path on a lent GPU in one run.
+
+Made for a machine lent for minutes that can install nothing: run it from the working tree, ``PYTHONPATH=.
+python -m benchmarks.gpu_check`` (``ckptnorm._cuda`` is found in ``src_cuda/`` without an install), with whatever
+torch the package imports with.  Each section runs on its own: one that crashes is recorded with its error and the
+next one runs, so a short loan always brings back what worked.  One table is printed; ``--json FILE`` writes it all.
+
+Sections
+  tests        the CUDA kernel and adapter test files under pytest, on the device: passed / failed / skipped
+  equivalence  every strategy x {leaky_relu, relu, silu} x {NCHW, channels_last} x {float32, bfloat16} x
+               {train, eval} x residual {off, on} (inplace_abn: invertible activations only) against PyTorch's
+               native BN + activation (cuDNN on a GPU): output, gradients of x, weight, bias and residual, running
+               statistics, each against a float64 truth from the same rounded inputs, within
+               ``ckptnorm.torch.equivalence.error_bound`` of PyTorch's own error (the CPU tests' bound)
+Not measured here yet: kernel bandwidth against a copy, layer time against cuDNN, host time per call,
+``max_memory_allocated`` of training steps, CUDA-graph capture.
+
+Modes
+  (default)    a CUDA GPU; without one it says so and exits 0 with no figures
+  --quick      the test files' quick tier and a smaller layer (about a minute on a GPU)
+  --simulate   no GPU: CPU tensors through the CUDA kernels under Numba's CUDA simulator, tiny layers, the quick
+               tier of the test files (what CI runs, so that the check cannot rot)
+Exit status: 0 when every check passed, 1 when one failed or a section crashed, 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import xml.etree.ElementTree as ElementTree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_FILES = ["tests/test_cuda_kernels.py", "tests/test_cuda_adapter.py"]
+TESTS_TIMEOUT_S = {"full": 300, "quick": 120, "simulate": 300}
+# (N, C, H, W): several reduction blocks per channel and a partial last block on a GPU; the simulator runs every
+# CUDA thread as a Python thread, so it gets a layer of a few warps
+LAYER_SHAPES = {"full": (16, 64, 28, 28), "quick": (4, 32, 14, 14), "simulate": (2, 3, 4, 5)}
+STRATEGIES = ["standard", "checkpoint", "efficient_checkpoint", "inplace_abn"]
+ACTIVATIONS = [("leaky_relu", 0.01), ("relu", None), ("silu", None)]
+LAYOUTS = ["nchw", "channels_last"]
+DTYPES = ["float32", "bfloat16"]
+MOMENTUM, EPS = 0.1, 1e-5
+
+
+# -- section: the CUDA test files under pytest -----------------------------------------------------------------------
+def run_tests(mode):
+    """pytest on TEST_FILES in a subprocess (the device is the GPU, or the simulator with --simulate)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "junit.xml")
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *TEST_FILES]
+        if mode != "full":
+            command += ["-m", "not slow"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=TESTS_TIMEOUT_S[mode])
+        if not os.path.exists(report):
+            raise RuntimeError(f"pytest wrote no report (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+        suite = ElementTree.parse(report).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    failed = counts["failures"] + counts["errors"]
+    shown = [arg for arg in command[1:] if not arg.startswith("--junitxml")]
+    return {"command": "python " + shlex.join(shown), "exit": done.returncode, "passed": counts["tests"] - failed -
+            counts["skipped"], "failed": failed, "skipped": counts["skipped"], "ok": done.returncode == 0,
+            "tail": done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []}
+
+
+# -- section: every strategy against PyTorch's native BN + activation -----------------------------------------------
+def _native_act(y, name, param):
+    import torch.nn.functional as F
+    return {"leaky_relu": lambda: F.leaky_relu(y, param), "relu": lambda: F.relu(y), "silu": lambda: F.silu(y)}[name]()
+
+
+ACTIVATION_SIZED = ("x", "dz", "residual")
+
+
+def _case_data(shape, seed, dtype):
+    """The data of one case as float64 CPU tensors holding values exact in the run's formats: x, dz and residual
+    rounded to ``dtype``, weight, bias and running statistics to float32, so that the float64 truth computed from
+    them sees the very inputs the ``dtype`` runs see."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    channels = shape[1]
+    data = dict(x=torch.randn(shape, generator=g, dtype=torch.float64) * 1.5 + 0.3,
+                dz=torch.randn(shape, generator=g, dtype=torch.float64),
+                residual=torch.randn(shape, generator=g, dtype=torch.float64),
+                weight=torch.rand(channels, generator=g, dtype=torch.float64) + 0.5,
+                bias=torch.rand(channels, generator=g, dtype=torch.float64) - 0.5,
+                running_mean=torch.randn(channels, generator=g, dtype=torch.float64) * 0.2,
+                running_var=torch.rand(channels, generator=g, dtype=torch.float64) + 0.5)
+    return {name: t.to(dtype if name in ACTIVATION_SIZED else torch.float32).double() for name, t in data.items()}
+
+
+def _step(data, dtype, device, layout, training, residual, layer):
+    """One forward + backward of ``layer(x, running_mean, running_var, weight, bias, residual)`` on copies of
+    ``data`` cast to ``dtype`` (x, dz, residual; parameters and statistics in float32 below float64) and moved to
+    ``device`` in ``layout``.  Returns the results by name, as float64 CPU tensors."""
+    import torch
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def activation(name):  # a copy of its own (``to`` may return data's tensor itself)
+        return data[name].to(dtype).to(device, copy=True).contiguous(memory_format=fmt).requires_grad_()
+
+    x = activation("x")
+    r = activation("residual") if residual else None
+    w, b = (data[n].to(device, param_dtype, copy=True).requires_grad_() for n in ("weight", "bias"))
+    rm, rv = (data[n].to(device, param_dtype, copy=True) for n in ("running_mean", "running_var"))
+    z = layer(x, rm, rv, w, b, r)
+    z.backward(data["dz"].to(dtype).to(device).contiguous(memory_format=fmt))
+    out = {"z": z, "dx": x.grad, "dweight": w.grad, "dbias": b.grad}
+    if residual:
+        out["dresidual"] = r.grad
+    if training:
+        out.update(running_mean=rm, running_var=rv)
+    return {name: t.detach().to("cpu", torch.float64) for name, t in out.items()}
+
+
+def _error(got, truth):
+    scale = float(truth.abs().max())
+    err = float((got - truth).abs().max())
+    return err / scale if scale > 0 else err
+
+
+def check_case(strategy, act, param, layout, dtype_name, training, residual, shape, device, seed):
+    """One case: ckptnorm and PyTorch's native op at ``dtype``, each against the float64 truth."""
+    import torch
+    import torch.nn.functional as F
+
+    from ckptnorm.torch import batch_norm_act
+    from ckptnorm.torch.equivalence import error_bound
+    dtype = getattr(torch, dtype_name)
+
+    def native(x, rm, rv, w, b, r):
+        y = F.batch_norm(x, rm, rv, w, b, training, MOMENTUM, EPS)
+        return _native_act(y if r is None else y + r, act, param)
+
+    def ours(x, rm, rv, w, b, r):
+        return batch_norm_act(x, rm, rv, w, b, training, MOMENTUM, EPS, act, param, strategy, residual=r)
+
+    data = _case_data(shape, seed, dtype)
+    truth = _step(data, torch.float64, "cpu", "nchw", training, residual, native)
+    theirs = _step(data, dtype, device, layout, training, residual, native)
+    mine = _step(data, dtype, device, layout, training, residual, ours)
+    results = {}
+    for name, t in truth.items():
+        err, native_err = _error(mine[name], t), _error(theirs[name], t)
+        results[name] = {"error": err, "native_error": native_err, "bound": error_bound(native_err, dtype)}
+    return results
+
+
+def cases():
+    from ckptnorm import get_activation, get_strategy
+    for strategy, (act, param), layout, dtype, training, residual in itertools.product(
+            STRATEGIES, ACTIVATIONS, LAYOUTS, DTYPES, (True, False), (False, True)):
+        if get_strategy(strategy).requires_invertible and not get_activation(act, param).invertible:
+            continue
+        yield dict(strategy=strategy, act=act, param=param, layout=layout, dtype_name=dtype, training=training,
+                   residual=residual)
+
+
+def run_equivalence(mode):
+    import warnings
+
+    import torch
+
+    from ckptnorm import PrecisionFallbackWarning
+    from ckptnorm.torch import use_backend
+    simulate = mode == "simulate"
+    device = "cpu" if simulate else "cuda"
+    rows = []
+    for seed, case in enumerate(cases()):
+        with warnings.catch_warnings():
+            # inplace_abn's precision rule may keep x for a case: a documented, correct path, not a failure
+            warnings.simplefilter("ignore", PrecisionFallbackWarning)
+            with use_backend("cuda") if simulate else contextlib.nullcontext():
+                results = check_case(**case, shape=LAYER_SHAPES[mode], device=device, seed=seed)
+        worst = max(results, key=lambda n: results[n]["error"] / results[n]["bound"])
+        rows.append(dict(case, ok=all(r["error"] <= r["bound"] for r in results.values()), worst=worst,
+                         worst_ratio=results[worst]["error"] / results[worst]["bound"], results=results))
+    if not simulate:
+        torch.cuda.synchronize()
+    failed = [r for r in rows if not r["ok"]]
+    return {"shape": list(LAYER_SHAPES[mode]), "cases": len(rows), "passed": len(rows) - len(failed),
+            "failed": len(failed), "ok": not failed, "rows": rows}
+
+
+# -- the run ----------------------------------------------------------------------------------------------------------
+SECTIONS = {"tests": run_tests, "equivalence": run_equivalence}
+
+
+def environment(mode):
+    import numba
+    import torch
+    info = {"mode": mode, "torch": torch.__version__, "numba": numba.__version__, "python": sys.version.split()[0]}
+    if mode != "simulate":
+        info["device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def print_report(report, out=None):
+    out = out or sys.stdout
+    env = report["environment"]
+    where = env.get("device", "Numba's CUDA simulator (no GPU)")
+    print(f"ckptnorm GPU check: {where}; torch {env['torch']}, numba {env['numba']}, mode {env['mode']}", file=out)
+    for name, section in report["sections"].items():
+        head = f"{name:12s} {section['seconds']:7.1f} s  "
+        if "error" in section:
+            print(head + f"CRASHED: {section['error']}", file=out)
+        elif name == "tests":
+            print(head + f"{section['passed']} passed, {section['failed']} failed, {section['skipped']} skipped"
+                  f" ({section['command']})", file=out)
+        elif name == "equivalence":
+            print(head + f"{section['passed']} of {section['cases']} cases within the bound, layer "
+                  f"{'x'.join(map(str, section['shape']))}", file=out)
+            print(f"{'':14s}{'strategy':22s} {'dtype':9s} {'cases':>5s} {'failed':>6s}  worst error / bound", file=out)
+            by_strategy = sorted(section["rows"], key=lambda r: (STRATEGIES.index(r["strategy"]), r["dtype_name"]))
+            for (strategy, dtype), group in itertools.groupby(by_strategy,
+                                                              key=lambda r: (r["strategy"], r["dtype_name"])):
+                group = list(group)
+                worst = max(group, key=lambda r: r["worst_ratio"])
+                print(f"{'':14s}{strategy:22s} {dtype:9s} {len(group):5d} {sum(not r['ok'] for r in group):6d}"
+                      f"  {worst['worst_ratio']:.2f} ({worst['worst']}, {worst['act']}, {worst['layout']}, "
+                      f"{'train' if worst['training'] else 'eval'}{', residual' if worst['residual'] else ''})",
+                      file=out)
+    print("all passed" if report["ok"] else "FAILED", file=out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="quick tier of the tests, a smaller layer")
+    parser.add_argument("--simulate", action="store_true", help="no GPU: Numba's CUDA simulator, tiny layers")
+    parser.add_argument("--json", metavar="FILE", help="write the whole report as JSON")
+    parser.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    args = parser.parse_args(argv)
+    mode = "simulate" if args.simulate else "quick" if args.quick else "full"
+    if args.simulate:
+        # read by Numba when it is first imported: before anything imports it
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+    sys.path.insert(0, ROOT)
+    import torch
+    if not args.simulate and not torch.cuda.is_available():
+        print("ckptnorm GPU check: no CUDA GPU here, nothing measured; tip: --simulate runs the same checks under "
+              "Numba's CUDA simulator")
+        return 0
+    report = {"environment": environment(mode), "sections": {}}
+    for name in args.sections:
+        started = time.perf_counter()
+        try:
+            section = SECTIONS[name](mode)
+        except Exception as exc:  # a crash in one section must not cost the others: recorded, reported, exit 1
+            section = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        section["seconds"] = time.perf_counter() - started
+        report["sections"][name] = section
+    report["ok"] = all(s["ok"] for s in report["sections"].values())
+    print_report(report)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
