@@ -12,8 +12,12 @@ Sections
                native BN + activation (cuDNN on a GPU): output, gradients of x, weight, bias and residual, running
                statistics, each against a float64 truth from the same rounded inputs, within
                ``ckptnorm.torch.equivalence.error_bound`` of PyTorch's own error (the CPU tests' bound)
-Not measured here yet: kernel bandwidth against a copy, layer time against cuDNN, host time per call,
-``max_memory_allocated`` of training steps, CUDA-graph capture.
+  layer_time   one BN + LeakyReLU layer's forward+backward, float32 NCHW, each strategy against PyTorch's native
+               BatchNorm2d + in-place LeakyReLU (cuDNN) at the issue's shapes and a small one: device time (CUDA
+               events) and wall time with the device synchronized, medians of interleaved repeats; where the wall
+               time exceeds the device time, the host (Python, autograd, launches) is what a call waits for
+Not measured here yet: kernel bandwidth against a copy, ``max_memory_allocated`` of training steps, CUDA-graph
+capture.
 
 Modes
   (default)    a CUDA GPU; without one it says so and exits 0 with no figures
@@ -193,8 +197,67 @@ def run_equivalence(mode):
             "failed": len(failed), "ok": not failed, "rows": rows}
 
 
+# -- section: one layer's time against PyTorch's native BN + activation ---------------------------------------------
+TIME_SHAPES = {"full": ["32x64x56x56", "16x256x28x28", "8x128x128x128", "2x16x8x8"],
+               "quick": ["16x256x28x28", "2x16x8x8"], "simulate": ["2x3x4x5"]}
+TIME_REPEATS = {"full": 25, "quick": 10, "simulate": 1}
+
+
+def _device_and_wall_seconds(call, device):
+    """(device seconds, wall seconds) of one ``call()``: CUDA events around it, and the wall clock from a synchronized
+    device to a synchronized device.  Without a GPU (the simulator) both are the wall clock."""
+    import torch
+    if device != "cuda":
+        started = time.perf_counter()
+        call()
+        wall = time.perf_counter() - started
+        return wall, wall
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    start.record()
+    call()
+    end.record()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    return start.elapsed_time(end) / 1e3, wall
+
+
+def run_layer_time(mode):
+    import statistics
+
+    import torch
+
+    from ckptnorm.torch import use_backend
+
+    from .common import NATIVE, STRATEGIES as ALL_STRATEGIES, activation_inputs, forward_backward, make_layer
+    device = "cpu" if mode == "simulate" else "cuda"
+    rows = []
+    for shape in TIME_SHAPES[mode]:
+        x, dz = (t.to(device) for t in activation_inputs(shape))
+        layers = {v: make_layer(v, x.shape[1]).to(device) for v in [NATIVE] + ALL_STRATEGIES}
+        times = {v: ([], []) for v in layers}
+        with use_backend("cuda") if mode == "simulate" else contextlib.nullcontext():
+            for v, layer in layers.items():  # warm-up: kernels compiled, allocator primed
+                forward_backward(layer, x, dz)
+            names = list(layers)
+            for r in range(TIME_REPEATS[mode]):  # interleaved, a rotating order: drifts cancel in the ratios
+                for v in names[r % len(names):] + names[:r % len(names)]:
+                    device_s, wall_s = _device_and_wall_seconds(lambda: forward_backward(layers[v], x, dz), device)
+                    times[v][0].append(device_s)
+                    times[v][1].append(wall_s)
+        native_device = statistics.median(times[NATIVE][0])
+        for v, (device_s, wall_s) in times.items():
+            rows.append({"shape": shape, "variant": v, "device_ms": 1e3 * statistics.median(device_s),
+                         "wall_ms": 1e3 * statistics.median(wall_s),
+                         "vs_native": statistics.median(device_s) / native_device})
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"repeats": TIME_REPEATS[mode], "simulated": mode == "simulate", "ok": True, "rows": rows}
+
+
 # -- the run ----------------------------------------------------------------------------------------------------------
-SECTIONS = {"tests": run_tests, "equivalence": run_equivalence}
+SECTIONS = {"tests": run_tests, "equivalence": run_equivalence, "layer_time": run_layer_time}
 
 
 def environment(mode):
@@ -232,6 +295,15 @@ def print_report(report, out=None):
                       f"  {worst['worst_ratio']:.2f} ({worst['worst']}, {worst['act']}, {worst['layout']}, "
                       f"{'train' if worst['training'] else 'eval'}{', residual' if worst['residual'] else ''})",
                       file=out)
+        elif name == "layer_time":
+            print(head + f"forward+backward, float32 NCHW, leaky_relu, medians of {section['repeats']} interleaved "
+                  "repeats" + (" (simulator: CPU wall times, not GPU figures)" if section["simulated"] else ""),
+                  file=out)
+            print(f"{'':14s}{'shape':16s} {'variant':22s} {'device ms':>10s} {'wall ms':>9s} {'vs native':>9s}",
+                  file=out)
+            for row in section["rows"]:
+                print(f"{'':14s}{row['shape']:16s} {row['variant']:22s} {row['device_ms']:10.3f} "
+                      f"{row['wall_ms']:9.3f} {row['vs_native']:8.2f}x", file=out)
     print("all passed" if report["ok"] else "FAILED", file=out)
 
 

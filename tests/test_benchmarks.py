@@ -139,3 +139,12 @@ def test_gpu_check_records_a_crashed_section_and_runs_the_next(monkeypatch, caps
     assert report["sections"]["tests"]["error"] == "RuntimeError: no such device"
     assert report["sections"]["equivalence"]["ok"] and not report["ok"]
     assert "CRASHED: RuntimeError: no such device" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulator mode: CPU tensors through the CUDA kernels")
+def test_gpu_check_layer_time_rows_every_variant_against_native(monkeypatch):
+    monkeypatch.setitem(gpu_check.TIME_SHAPES, "simulate", ["2x3x4x4"])
+    section = gpu_check.run_layer_time("simulate")
+    assert [r["variant"] for r in section["rows"]] == [common.NATIVE] + common.STRATEGIES
+    assert section["rows"][0]["vs_native"] == 1.0 and section["simulated"]
+    assert all(r["device_ms"] > 0 and r["wall_ms"] >= r["device_ms"] for r in section["rows"])
