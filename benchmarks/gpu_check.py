@@ -16,8 +16,13 @@ Sections
                BatchNorm2d + in-place LeakyReLU (cuDNN) at the issue's shapes and a small one: device time (CUDA
                events) and wall time with the device synchronized, medians of interleaved repeats; where the wall
                time exceeds the device time, the host (Python, autograd, launches) is what a call waits for
-Not measured here yet: kernel bandwidth against a copy, ``max_memory_allocated`` of training steps, CUDA-graph
-capture.
+  memory       ``ckptnorm.torch.compare`` of the built-in models and torchvision's resnet18 (when installed): per
+               strategy the bytes kept for backward and the peak of ``torch.cuda.max_memory_allocated`` during a
+               training step, against ``standard``, with the step time and the gradient's error beside them
+  cuda_graph   per strategy, one training step of the built-in ResNet captured in a CUDA graph (``torch.cuda.graph``)
+               and replayed: the replay's gradient against the eager one, or the exact reason the capture failed
+               (last: a failed capture may leave the device unusable for what follows); GPU only
+Not measured here yet: kernel bandwidth against a copy.
 
 Modes
   (default)    a CUDA GPU; without one it says so and exits 0 with no figures
@@ -256,8 +261,94 @@ def run_layer_time(mode):
     return {"repeats": TIME_REPEATS[mode], "simulated": mode == "simulate", "ok": True, "rows": rows}
 
 
+# -- section: memory of training steps, per strategy ----------------------------------------------------------------
+MEMORY_MODELS = {  # model name -> input (N x C x H x W) per mode
+    "preact_resnet": {"full": "32x3x64x64", "quick": "8x3x64x64", "simulate": "2x3x8x8"},
+    "postact_resnet": {"full": "32x3x64x64", "quick": "8x3x64x64", "simulate": "2x3x8x8"},
+    "torchvision:resnet18": {"full": "32x3x224x224", "quick": "8x3x224x224", "simulate": "2x3x32x32"},
+}
+MEMORY_REPEATS = {"full": 5, "quick": 3, "simulate": 1}
+
+
+def _installed(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def run_memory(mode):
+    import dataclasses
+
+    import torch
+
+    from ckptnorm.torch.compare import compare
+    from ckptnorm.torch.models import get_model
+
+    from .common import model_input
+    device = "cpu" if mode == "simulate" else "cuda"
+    models, skipped = [], {}
+    for name, inputs in MEMORY_MODELS.items():
+        if name.startswith("torchvision:") and not _installed("torchvision"):
+            skipped[name] = "torchvision is not installed"
+            continue
+        torch.manual_seed(0)
+        model, x = get_model(name).to(device), model_input(inputs[mode]).to(device)
+        # --simulate: CPU tensors on the CPU kernels (a training step of a whole model through the simulator takes
+        # minutes); the section's code runs, its figures are CPU ones
+        result = compare(model, x, repeats=MEMORY_REPEATS[mode], progress=False, model_name=name)
+        models.append({"model": name, "input": inputs[mode], "table": result.table(),
+                       "rows": [dataclasses.asdict(r) for r in result.rows]})
+    return {"models": models, "skipped": skipped, "simulated": mode == "simulate", "ok": True}
+
+
+# -- section: a training step captured in a CUDA graph ---------------------------------------------------------------
+GRAPH_INPUT = {"full": "32x3x64x64", "quick": "8x3x64x64"}
+# the replay computes what the eager step computes, up to cuDNN's nondeterministic weight-gradient sums
+GRAPH_GRAD_TOLERANCE = 1e-5
+
+
+def run_cuda_graph(mode):
+    if mode == "simulate":
+        return {"ok": True, "rows": [], "note": "CUDA graphs need a real GPU: not run under the simulator"}
+    import torch
+
+    from ckptnorm.torch import convert
+    from ckptnorm.torch.harness import training_step
+    from ckptnorm.torch.models import get_model
+
+    from .common import model_input
+    x = model_input(GRAPH_INPUT[mode]).cuda()
+    rows = []
+    for strategy in STRATEGIES:
+        torch.manual_seed(0)
+        model = convert(get_model("preact_resnet"), strategy).cuda()
+        params = [p for p in model.parameters() if p.requires_grad]
+        training_step(model, (x,))
+        eager = torch.cat([p.grad.reshape(-1) for p in params])
+        try:
+            side = torch.cuda.Stream()  # warm-up on a side stream, as capture requires
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    training_step(model, (x,))
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                training_step(model, (x,))
+            graph.replay()
+            torch.cuda.synchronize()
+            replayed = torch.cat([p.grad.reshape(-1) for p in params])
+            error = float((replayed - eager).norm() / eager.norm())
+            rows.append({"strategy": strategy, "captured": True, "grad_error": error,
+                         "ok": error <= GRAPH_GRAD_TOLERANCE})
+        except Exception as exc:  # the finding itself: which strategy cannot be captured, and why
+            rows.append({"strategy": strategy, "captured": False, "reason": f"{type(exc).__name__}: {exc}"[:500],
+                         "ok": True})
+    return {"ok": all(r["ok"] for r in rows), "rows": rows, "input": GRAPH_INPUT[mode]}
+
+
 # -- the run ----------------------------------------------------------------------------------------------------------
-SECTIONS = {"tests": run_tests, "equivalence": run_equivalence, "layer_time": run_layer_time}
+SECTIONS = {"tests": run_tests, "equivalence": run_equivalence, "layer_time": run_layer_time, "memory": run_memory,
+            "cuda_graph": run_cuda_graph}
 
 
 def environment(mode):
@@ -304,6 +395,21 @@ def print_report(report, out=None):
             for row in section["rows"]:
                 print(f"{'':14s}{row['shape']:16s} {row['variant']:22s} {row['device_ms']:10.3f} "
                       f"{row['wall_ms']:9.3f} {row['vs_native']:8.2f}x", file=out)
+        elif name == "memory":
+            print(head + "training steps per strategy (ckptnorm.torch.compare)" +
+                  (" (simulate: CPU tensors on the CPU kernels, not GPU figures)" if section["simulated"] else ""),
+                  file=out)
+            for model in section["models"]:
+                print("\n".join(f"{'':14s}{line}" for line in model["table"].splitlines()), file=out)
+            for model, why in section["skipped"].items():
+                print(f"{'':14s}{model}: skipped, {why}", file=out)
+        elif name == "cuda_graph":
+            print(head + section.get("note", f"preact_resnet {section.get('input')}, one training step captured "
+                                     "and replayed"), file=out)
+            for row in section["rows"]:
+                result = (f"replay's gradient vs eager {row['grad_error']:.1e}" if row["captured"]
+                          else f"not captured: {row['reason']}")
+                print(f"{'':14s}{row['strategy']:22s} {result}", file=out)
     print("all passed" if report["ok"] else "FAILED", file=out)
 
 

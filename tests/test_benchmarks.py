@@ -148,3 +148,20 @@ def test_gpu_check_layer_time_rows_every_variant_against_native(monkeypatch):
     assert [r["variant"] for r in section["rows"]] == [common.NATIVE] + common.STRATEGIES
     assert section["rows"][0]["vs_native"] == 1.0 and section["simulated"]
     assert all(r["device_ms"] > 0 and r["wall_ms"] >= r["device_ms"] for r in section["rows"])
+
+
+def test_gpu_check_memory_compares_every_strategy_and_says_what_it_skipped(monkeypatch):
+    monkeypatch.setattr(gpu_check, "MEMORY_MODELS", {"preact_resnet": {"simulate": "2x3x8x8"},
+                                                     "torchvision:no_such_model": {"simulate": "2x3x8x8"}})
+    monkeypatch.setattr(gpu_check, "_installed", lambda module: False)
+    section = gpu_check.run_memory("simulate")
+    assert [m["model"] for m in section["models"]] == ["preact_resnet"]
+    assert section["skipped"] == {"torchvision:no_such_model": "torchvision is not installed"}
+    rows = {r["name"]: r for r in section["models"][0]["rows"]}
+    assert {"standard", "checkpoint", "efficient_checkpoint", "inplace_abn"} <= set(rows)
+    assert all(rows[s]["saved_bytes"] < rows["standard"]["saved_bytes"] for s in ("checkpoint", "inplace_abn"))
+
+
+def test_gpu_check_cuda_graph_says_it_needs_a_gpu_under_the_simulator():
+    section = gpu_check.run_cuda_graph("simulate")
+    assert section == {"ok": True, "rows": [], "note": "CUDA graphs need a real GPU: not run under the simulator"}
