@@ -26,7 +26,7 @@ Not measured here yet: kernel bandwidth against a copy.
 
 Modes
   (default)    a CUDA GPU; without one it says so and exits 0 with no figures
-  --quick      the test files' quick tier and a smaller layer (about a minute on a GPU)
+  --quick      the test files' quick tier, smaller layers and fewer repeats: for a short loan
   --simulate   no GPU: CPU tensors through the CUDA kernels under Numba's CUDA simulator, tiny layers, the quick
                tier of the test files (what CI runs, so that the check cannot rot)
 Exit status: 0 when every check passed, 1 when one failed or a section crashed, 2 for bad arguments.
@@ -361,56 +361,60 @@ def environment(mode):
     return info
 
 
-def print_report(report, out=None):
+def print_header(environment_info, out=None):
     out = out or sys.stdout
-    env = report["environment"]
-    where = env.get("device", "Numba's CUDA simulator (no GPU)")
-    print(f"ckptnorm GPU check: {where}; torch {env['torch']}, numba {env['numba']}, mode {env['mode']}", file=out)
-    for name, section in report["sections"].items():
-        head = f"{name:12s} {section['seconds']:7.1f} s  "
-        if "error" in section:
-            print(head + f"CRASHED: {section['error']}", file=out)
-        elif name == "tests":
-            print(head + f"{section['passed']} passed, {section['failed']} failed, {section['skipped']} skipped"
-                  f" ({section['command']})", file=out)
-        elif name == "equivalence":
-            print(head + f"{section['passed']} of {section['cases']} cases within the bound, layer "
-                  f"{'x'.join(map(str, section['shape']))}", file=out)
-            print(f"{'':14s}{'strategy':22s} {'dtype':9s} {'cases':>5s} {'failed':>6s}  worst error / bound", file=out)
-            by_strategy = sorted(section["rows"], key=lambda r: (STRATEGIES.index(r["strategy"]), r["dtype_name"]))
-            for (strategy, dtype), group in itertools.groupby(by_strategy,
-                                                              key=lambda r: (r["strategy"], r["dtype_name"])):
-                group = list(group)
-                worst = max(group, key=lambda r: r["worst_ratio"])
-                print(f"{'':14s}{strategy:22s} {dtype:9s} {len(group):5d} {sum(not r['ok'] for r in group):6d}"
-                      f"  {worst['worst_ratio']:.2f} ({worst['worst']}, {worst['act']}, {worst['layout']}, "
-                      f"{'train' if worst['training'] else 'eval'}{', residual' if worst['residual'] else ''})",
-                      file=out)
-        elif name == "layer_time":
-            print(head + f"forward+backward, float32 NCHW, leaky_relu, medians of {section['repeats']} interleaved "
-                  "repeats" + (" (simulator: CPU wall times, not GPU figures)" if section["simulated"] else ""),
+    where = environment_info.get("device", "Numba's CUDA simulator (no GPU)")
+    print(f"ckptnorm GPU check: {where}; torch {environment_info['torch']}, numba {environment_info['numba']}, "
+          f"mode {environment_info['mode']}", file=out, flush=True)
+
+
+def print_section(name, section, out=None):
+    """The section's lines of the table, printed as soon as it ends (a loan cut short keeps what was printed)."""
+    out = out or sys.stdout
+    head = f"{name:12s} {section['seconds']:7.1f} s  "
+    if "error" in section:
+        print(head + f"CRASHED: {section['error']}", file=out)
+    elif name == "tests":
+        print(head + f"{section['passed']} passed, {section['failed']} failed, {section['skipped']} skipped"
+              f" ({section['command']})", file=out)
+    elif name == "equivalence":
+        print(head + f"{section['passed']} of {section['cases']} cases within the bound, layer "
+              f"{'x'.join(map(str, section['shape']))}", file=out)
+        print(f"{'':14s}{'strategy':22s} {'dtype':9s} {'cases':>5s} {'failed':>6s}  worst error / bound", file=out)
+        by_strategy = sorted(section["rows"], key=lambda r: (STRATEGIES.index(r["strategy"]), r["dtype_name"]))
+        for (strategy, dtype), group in itertools.groupby(by_strategy,
+                                                          key=lambda r: (r["strategy"], r["dtype_name"])):
+            group = list(group)
+            worst = max(group, key=lambda r: r["worst_ratio"])
+            print(f"{'':14s}{strategy:22s} {dtype:9s} {len(group):5d} {sum(not r['ok'] for r in group):6d}"
+                  f"  {worst['worst_ratio']:.2f} ({worst['worst']}, {worst['act']}, {worst['layout']}, "
+                  f"{'train' if worst['training'] else 'eval'}{', residual' if worst['residual'] else ''})",
                   file=out)
-            print(f"{'':14s}{'shape':16s} {'variant':22s} {'device ms':>10s} {'wall ms':>9s} {'vs native':>9s}",
-                  file=out)
-            for row in section["rows"]:
-                print(f"{'':14s}{row['shape']:16s} {row['variant']:22s} {row['device_ms']:10.3f} "
-                      f"{row['wall_ms']:9.3f} {row['vs_native']:8.2f}x", file=out)
-        elif name == "memory":
-            print(head + "training steps per strategy (ckptnorm.torch.compare)" +
-                  (" (simulate: CPU tensors on the CPU kernels, not GPU figures)" if section["simulated"] else ""),
-                  file=out)
-            for model in section["models"]:
-                print("\n".join(f"{'':14s}{line}" for line in model["table"].splitlines()), file=out)
-            for model, why in section["skipped"].items():
-                print(f"{'':14s}{model}: skipped, {why}", file=out)
-        elif name == "cuda_graph":
-            print(head + section.get("note", f"preact_resnet {section.get('input')}, one training step captured "
-                                     "and replayed"), file=out)
-            for row in section["rows"]:
-                result = (f"replay's gradient vs eager {row['grad_error']:.1e}" if row["captured"]
-                          else f"not captured: {row['reason']}")
-                print(f"{'':14s}{row['strategy']:22s} {result}", file=out)
-    print("all passed" if report["ok"] else "FAILED", file=out)
+    elif name == "layer_time":
+        print(head + f"forward+backward, float32 NCHW, leaky_relu, medians of {section['repeats']} interleaved "
+              "repeats" + (" (simulator: CPU wall times, not GPU figures)" if section["simulated"] else ""),
+              file=out)
+        print(f"{'':14s}{'shape':16s} {'variant':22s} {'device ms':>10s} {'wall ms':>9s} {'vs native':>9s}",
+              file=out)
+        for row in section["rows"]:
+            print(f"{'':14s}{row['shape']:16s} {row['variant']:22s} {row['device_ms']:10.3f} "
+                  f"{row['wall_ms']:9.3f} {row['vs_native']:8.2f}x", file=out)
+    elif name == "memory":
+        print(head + "training steps per strategy (ckptnorm.torch.compare)" +
+              (" (simulate: CPU tensors on the CPU kernels, not GPU figures)" if section["simulated"] else ""),
+              file=out)
+        for model in section["models"]:
+            print("\n".join(f"{'':14s}{line}" for line in model["table"].splitlines()), file=out)
+        for model, why in section["skipped"].items():
+            print(f"{'':14s}{model}: skipped, {why}", file=out)
+    elif name == "cuda_graph":
+        print(head + section.get("note", f"preact_resnet {section.get('input')}, one training step captured "
+                                 "and replayed"), file=out)
+        for row in section["rows"]:
+            result = (f"replay's gradient vs eager {row['grad_error']:.1e}" if row["captured"]
+                      else f"not captured: {row['reason']}")
+            print(f"{'':14s}{row['strategy']:22s} {result}", file=out)
+    out.flush()
 
 
 def main(argv=None):
@@ -431,19 +435,22 @@ def main(argv=None):
               "Numba's CUDA simulator")
         return 0
     report = {"environment": environment(mode), "sections": {}}
+    print_header(report["environment"])
     for name in args.sections:
         started = time.perf_counter()
         try:
             section = SECTIONS[name](mode)
         except Exception as exc:  # a crash in one section must not cost the others: recorded, reported, exit 1
             section = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            print(section["traceback"], file=sys.stderr, flush=True)
         section["seconds"] = time.perf_counter() - started
         report["sections"][name] = section
-    report["ok"] = all(s["ok"] for s in report["sections"].values())
-    print_report(report)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        report["ok"] = all(s["ok"] for s in report["sections"].values())
+        print_section(name, section)
+        if args.json:  # after every section: a run cut short still leaves what it measured
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=1)
+    print("all passed" if report["ok"] else "FAILED")
     return 0 if report["ok"] else 1
 
 

@@ -94,7 +94,7 @@ def test_cuda_kernels_import_from_a_source_checkout():
                          env=dict(os.environ, NUMBA_ENABLE_CUDASIM="1"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == os.path.join(root, "src_cuda", "geometry.py")
-    finder = ckptnorm._SourceTreeCuda(os.path.join(root, "src_cuda"))
+    finder = ckptnorm._source_checkout.SourceTreeCuda(os.path.join(root, "src_cuda"))
     spec = finder.find_spec("ckptnorm._cuda")
     assert spec.origin == os.path.join(root, "src_cuda", "__init__.py")
     assert spec.submodule_search_locations == [os.path.join(root, "src_cuda")]
