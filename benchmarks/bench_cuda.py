@@ -33,6 +33,32 @@ def _timed(fn, repeats=20):
     return start.elapsed_time(end) / 1e3 / repeats
 
 
+def kernel_calls(x, layout):
+    """kernel name -> a call of that backend primitive on ``x`` (N x C x H x W, in ``layout``'s memory order) and
+    buffers like it, through the backend ckptnorm picks for ``x`` (``use_backend("cuda")`` for CPU tensors under the
+    simulator)."""
+    from ckptnorm import get_activation
+    from ckptnorm.torch import _arrays
+    c = x.shape[1]
+    z, dz, dx = torch.randn_like(x), torch.randn_like(x), torch.empty_like(x)
+    backend = _arrays.backend_for(x)
+    view = lambda t: _arrays.activation_view(t, layout)  # noqa: E731
+    ones = torch.ones(c, dtype=torch.float64, device=x.device)
+    zeros = torch.zeros(c, dtype=torch.float64, device=x.device)
+    act = get_activation("leaky_relu")
+    return {
+        "channel_stats": lambda: backend.channel_stats(view(x), layout),
+        "normalize_act": lambda: backend.normalize_act(view(x), view(z), layout, zeros, ones, zeros, act),
+        "reduce_from_input": lambda: backend.reduce_from_input(view(x), view(dz), layout, zeros, ones, ones, zeros,
+                                                               act),
+        "reduce_from_output": lambda: backend.reduce_from_output(view(z), view(dz), layout, zeros, act),
+        "dx_from_input": lambda: backend.dx_from_input(view(x), view(dz), view(dx), layout, zeros, ones, zeros, act,
+                                                       ones, zeros, zeros),
+        "dx_from_output": lambda: backend.dx_from_output(view(z), view(dz), view(dx), layout, zeros, act, ones, zeros,
+                                                         zeros),
+    }
+
+
 class CudaKernelBandwidth:
     params = [list(KERNELS), CUDA_SHAPES, ["ncs", "nsc"]]
     param_names = ["kernel", "shape", "layout"]
@@ -40,28 +66,11 @@ class CudaKernelBandwidth:
 
     def setup(self, kernel, shape, layout):
         _require_gpu()
-        from ckptnorm import get_activation
-        from ckptnorm.torch import _arrays
         n, c, h, w = parse_shape(shape)
         fmt = torch.channels_last if layout == "nsc" else torch.contiguous_format
         x = torch.randn(n, c, h, w, device="cuda").contiguous(memory_format=fmt)
-        z, dz, dx = torch.randn_like(x), torch.randn_like(x), torch.empty_like(x)
-        backend = _arrays.backend_for(x)
-        view = lambda t: _arrays.activation_view(t, layout)  # noqa: E731
-        ones, zeros = torch.ones(c, dtype=torch.float64, device="cuda"), torch.zeros(c, dtype=torch.float64,
-                                                                                     device="cuda")
-        act = get_activation("leaky_relu")
-        calls = {
-            "channel_stats": lambda: backend.channel_stats(view(x), layout),
-            "normalize_act": lambda: backend.normalize_act(view(x), view(z), layout, zeros, ones, zeros, act),
-            "reduce_from_input": lambda: backend.reduce_from_input(view(x), view(dz), layout, zeros, ones, ones,
-                                                                   zeros, act),
-            "reduce_from_output": lambda: backend.reduce_from_output(view(z), view(dz), layout, zeros, act),
-            "dx_from_input": lambda: backend.dx_from_input(view(x), view(dz), view(dx), layout, zeros, ones, zeros,
-                                                           act, ones, zeros, zeros),
-            "dx_from_output": lambda: backend.dx_from_output(view(z), view(dz), view(dx), layout, zeros, act, ones,
-                                                             zeros, zeros),
-        }
+        calls = kernel_calls(x, layout)
+        z = torch.empty_like(x)
         self.call = calls[kernel]
         self.bytes = KERNELS[kernel] * x.numel() * x.element_size()
         self.copy_seconds = _timed(lambda: z.copy_(x))

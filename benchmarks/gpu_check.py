@@ -16,13 +16,14 @@ Sections
                BatchNorm2d + in-place LeakyReLU (cuDNN) at the issue's shapes and a small one: device time (CUDA
                events) and wall time with the device synchronized, medians of interleaved repeats; where the wall
                time exceeds the device time, the host (Python, autograd, launches) is what a call waits for
+  bandwidth    each CUDA kernel's effective bandwidth (the bytes it must move / its device time) as a fraction of a
+               device-to-device copy of the same tensor, both layouts, ResNet-50 layer shapes at batch 64
   memory       ``ckptnorm.torch.compare`` of the built-in models and torchvision's resnet18 (when installed): per
                strategy the bytes kept for backward and the peak of ``torch.cuda.max_memory_allocated`` during a
                training step, against ``standard``, with the step time and the gradient's error beside them
   cuda_graph   per strategy, one training step of the built-in ResNet captured in a CUDA graph (``torch.cuda.graph``)
                and replayed: the replay's gradient against the eager one, or the exact reason the capture failed
                (last: a failed capture may leave the device unusable for what follows); GPU only
-Not measured here yet: kernel bandwidth against a copy.
 
 Modes
   (default)    a CUDA GPU; without one it says so and exits 0 with no figures
@@ -261,6 +262,44 @@ def run_layer_time(mode):
     return {"repeats": TIME_REPEATS[mode], "simulated": mode == "simulate", "ok": True, "rows": rows}
 
 
+# -- section: each kernel's bandwidth against a copy ------------------------------------------------------------------
+BANDWIDTH_SHAPES = {"full": ["64x256x56x56", "64x1024x14x14"], "quick": ["32x256x28x28"], "simulate": ["2x3x4x5"]}
+BANDWIDTH_REPEATS = {"full": 20, "quick": 10, "simulate": 1}
+
+
+def run_bandwidth(mode):
+    import statistics
+
+    import torch
+
+    from ckptnorm.torch import use_backend
+
+    from .bench_cuda import KERNELS, kernel_calls
+    from .common import parse_shape
+    device = "cpu" if mode == "simulate" else "cuda"
+    rows = []
+    with use_backend("cuda") if mode == "simulate" else contextlib.nullcontext():
+        for shape, layout in itertools.product(BANDWIDTH_SHAPES[mode], ("ncs", "nsc")):
+            fmt = torch.channels_last if layout == "nsc" else torch.contiguous_format
+            x = torch.randn(parse_shape(shape), device=device).contiguous(memory_format=fmt)
+            copy_to = torch.empty_like(x)
+            calls = dict(kernel_calls(x, layout), copy=lambda: copy_to.copy_(x))
+            seconds = {name: [] for name in calls}
+            for call in calls.values():  # warm-up: compiled, allocator primed
+                call()
+            for _ in range(BANDWIDTH_REPEATS[mode]):  # interleaved: drifts cancel in the fractions
+                for name, call in calls.items():
+                    seconds[name].append(_device_and_wall_seconds(call, device)[0])
+            nbytes = x.numel() * x.element_size()
+            copy_rate = 2 * nbytes / statistics.median(seconds.pop("copy"))
+            for kernel, times in seconds.items():
+                rate = KERNELS[kernel] * nbytes / statistics.median(times)
+                rows.append({"shape": shape, "layout": layout, "kernel": kernel, "gb_per_s": rate / 1e9,
+                             "copy_gb_per_s": copy_rate / 1e9, "fraction_of_copy": rate / copy_rate})
+            del x, copy_to, calls
+    return {"repeats": BANDWIDTH_REPEATS[mode], "simulated": mode == "simulate", "ok": True, "rows": rows}
+
+
 # -- section: memory of training steps, per strategy ----------------------------------------------------------------
 MEMORY_MODELS = {  # model name -> input (N x C x H x W) per mode
     "preact_resnet": {"full": "32x3x64x64", "quick": "8x3x64x64", "simulate": "2x3x8x8"},
@@ -347,8 +386,8 @@ def run_cuda_graph(mode):
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
-SECTIONS = {"tests": run_tests, "equivalence": run_equivalence, "layer_time": run_layer_time, "memory": run_memory,
-            "cuda_graph": run_cuda_graph}
+SECTIONS = {"tests": run_tests, "equivalence": run_equivalence, "layer_time": run_layer_time,
+            "bandwidth": run_bandwidth, "memory": run_memory, "cuda_graph": run_cuda_graph}
 
 
 def environment(mode):
@@ -399,6 +438,14 @@ def print_section(name, section, out=None):
         for row in section["rows"]:
             print(f"{'':14s}{row['shape']:16s} {row['variant']:22s} {row['device_ms']:10.3f} "
                   f"{row['wall_ms']:9.3f} {row['vs_native']:8.2f}x", file=out)
+    elif name == "bandwidth":
+        print(head + f"float32, medians of {section['repeats']} interleaved repeats" +
+              (" (simulator: CPU wall times, not GPU figures)" if section["simulated"] else ""), file=out)
+        print(f"{'':14s}{'shape':16s} {'layout':6s} {'kernel':20s} {'GB/s':>8s} {'copy GB/s':>10s} {'of copy':>8s}",
+              file=out)
+        for row in section["rows"]:
+            print(f"{'':14s}{row['shape']:16s} {row['layout']:6s} {row['kernel']:20s} {row['gb_per_s']:8.1f} "
+                  f"{row['copy_gb_per_s']:10.1f} {row['fraction_of_copy']:8.2f}", file=out)
     elif name == "memory":
         print(head + "training steps per strategy (ckptnorm.torch.compare)" +
               (" (simulate: CPU tensors on the CPU kernels, not GPU figures)" if section["simulated"] else ""),
