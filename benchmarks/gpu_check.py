@@ -58,6 +58,17 @@ ACTIVATIONS = [("leaky_relu", 0.01), ("relu", None), ("silu", None)]
 LAYOUTS = ["nchw", "channels_last"]
 DTYPES = ["float32", "bfloat16"]
 MOMENTUM, EPS = 0.1, 1e-5
+INDENT = " " * 14  # a section's table, under its one-line head
+
+
+def _device(mode):
+    return "cpu" if mode == "simulate" else "cuda"
+
+
+def _cuda_kernels(mode):
+    """Under --simulate, CPU tensors through the CUDA kernels (Numba's simulator); CUDA tensors take them anyway."""
+    from ckptnorm.torch import use_backend
+    return use_backend("cuda") if mode == "simulate" else contextlib.nullcontext()
 
 
 # -- section: the CUDA test files under pytest -----------------------------------------------------------------------
@@ -180,24 +191,17 @@ def cases():
 def run_equivalence(mode):
     import warnings
 
-    import torch
-
     from ckptnorm import PrecisionFallbackWarning
-    from ckptnorm.torch import use_backend
-    simulate = mode == "simulate"
-    device = "cpu" if simulate else "cuda"
     rows = []
     for seed, case in enumerate(cases()):
         with warnings.catch_warnings():
             # inplace_abn's precision rule may keep x for a case: a documented, correct path, not a failure
             warnings.simplefilter("ignore", PrecisionFallbackWarning)
-            with use_backend("cuda") if simulate else contextlib.nullcontext():
-                results = check_case(**case, shape=LAYER_SHAPES[mode], device=device, seed=seed)
+            with _cuda_kernels(mode):
+                results = check_case(**case, shape=LAYER_SHAPES[mode], device=_device(mode), seed=seed)
         worst = max(results, key=lambda n: results[n]["error"] / results[n]["bound"])
         rows.append(dict(case, ok=all(r["error"] <= r["bound"] for r in results.values()), worst=worst,
                          worst_ratio=results[worst]["error"] / results[worst]["bound"], results=results))
-    if not simulate:
-        torch.cuda.synchronize()
     failed = [r for r in rows if not r["ok"]]
     return {"shape": list(LAYER_SHAPES[mode]), "cases": len(rows), "passed": len(rows) - len(failed),
             "failed": len(failed), "ok": not failed, "rows": rows}
@@ -229,36 +233,35 @@ def _device_and_wall_seconds(call, device):
     return start.elapsed_time(end) / 1e3, wall
 
 
-def run_layer_time(mode):
+def _interleaved_medians(calls, repeats, device):
+    """name -> (median device seconds, median wall seconds) of ``calls[name]()``: one warm-up call each (kernels
+    compiled, allocator primed), then every call once per repeat in a rotating order, so that drifts of a shared
+    machine cancel in the ratios."""
     import statistics
+    names = list(calls)
+    for call in calls.values():
+        call()
+    times = {name: ([], []) for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for series, seconds in zip(times[name], _device_and_wall_seconds(calls[name], device)):
+                series.append(seconds)
+    return {name: (statistics.median(d), statistics.median(w)) for name, (d, w) in times.items()}
 
-    import torch
 
-    from ckptnorm.torch import use_backend
-
+def run_layer_time(mode):
     from .common import NATIVE, STRATEGIES as ALL_STRATEGIES, activation_inputs, forward_backward, make_layer
-    device = "cpu" if mode == "simulate" else "cuda"
+    device = _device(mode)
     rows = []
     for shape in TIME_SHAPES[mode]:
         x, dz = (t.to(device) for t in activation_inputs(shape))
         layers = {v: make_layer(v, x.shape[1]).to(device) for v in [NATIVE] + ALL_STRATEGIES}
-        times = {v: ([], []) for v in layers}
-        with use_backend("cuda") if mode == "simulate" else contextlib.nullcontext():
-            for v, layer in layers.items():  # warm-up: kernels compiled, allocator primed
-                forward_backward(layer, x, dz)
-            names = list(layers)
-            for r in range(TIME_REPEATS[mode]):  # interleaved, a rotating order: drifts cancel in the ratios
-                for v in names[r % len(names):] + names[:r % len(names)]:
-                    device_s, wall_s = _device_and_wall_seconds(lambda: forward_backward(layers[v], x, dz), device)
-                    times[v][0].append(device_s)
-                    times[v][1].append(wall_s)
-        native_device = statistics.median(times[NATIVE][0])
-        for v, (device_s, wall_s) in times.items():
-            rows.append({"shape": shape, "variant": v, "device_ms": 1e3 * statistics.median(device_s),
-                         "wall_ms": 1e3 * statistics.median(wall_s),
-                         "vs_native": statistics.median(device_s) / native_device})
-    if device == "cuda":
-        torch.cuda.synchronize()
+        with _cuda_kernels(mode):
+            seconds = _interleaved_medians({v: (lambda layer=layer: forward_backward(layer, x, dz))
+                                            for v, layer in layers.items()}, TIME_REPEATS[mode], device)
+        for v, (device_s, wall_s) in seconds.items():
+            rows.append({"shape": shape, "variant": v, "device_ms": 1e3 * device_s, "wall_ms": 1e3 * wall_s,
+                         "vs_native": device_s / seconds[NATIVE][0]})
     return {"repeats": TIME_REPEATS[mode], "simulated": mode == "simulate", "ok": True, "rows": rows}
 
 
@@ -268,32 +271,23 @@ BANDWIDTH_REPEATS = {"full": 20, "quick": 10, "simulate": 1}
 
 
 def run_bandwidth(mode):
-    import statistics
-
     import torch
-
-    from ckptnorm.torch import use_backend
 
     from .bench_cuda import KERNELS, kernel_calls
     from .common import parse_shape
-    device = "cpu" if mode == "simulate" else "cuda"
+    device = _device(mode)
     rows = []
-    with use_backend("cuda") if mode == "simulate" else contextlib.nullcontext():
+    with _cuda_kernels(mode):
         for shape, layout in itertools.product(BANDWIDTH_SHAPES[mode], ("ncs", "nsc")):
             fmt = torch.channels_last if layout == "nsc" else torch.contiguous_format
             x = torch.randn(parse_shape(shape), device=device).contiguous(memory_format=fmt)
             copy_to = torch.empty_like(x)
             calls = dict(kernel_calls(x, layout), copy=lambda: copy_to.copy_(x))
-            seconds = {name: [] for name in calls}
-            for call in calls.values():  # warm-up: compiled, allocator primed
-                call()
-            for _ in range(BANDWIDTH_REPEATS[mode]):  # interleaved: drifts cancel in the fractions
-                for name, call in calls.items():
-                    seconds[name].append(_device_and_wall_seconds(call, device)[0])
+            seconds = _interleaved_medians(calls, BANDWIDTH_REPEATS[mode], device)
             nbytes = x.numel() * x.element_size()
-            copy_rate = 2 * nbytes / statistics.median(seconds.pop("copy"))
-            for kernel, times in seconds.items():
-                rate = KERNELS[kernel] * nbytes / statistics.median(times)
+            copy_rate = 2 * nbytes / seconds.pop("copy")[0]
+            for kernel, (device_s, _) in seconds.items():
+                rate = KERNELS[kernel] * nbytes / device_s
                 rows.append({"shape": shape, "layout": layout, "kernel": kernel, "gb_per_s": rate / 1e9,
                              "copy_gb_per_s": copy_rate / 1e9, "fraction_of_copy": rate / copy_rate})
             del x, copy_to, calls
@@ -323,7 +317,7 @@ def run_memory(mode):
     from ckptnorm.torch.models import get_model
 
     from .common import model_input
-    device = "cpu" if mode == "simulate" else "cuda"
+    device = _device(mode)
     models, skipped = [], {}
     for name, inputs in MEMORY_MODELS.items():
         if name.startswith("torchvision:") and not _installed("torchvision"):
@@ -407,6 +401,17 @@ def print_header(environment_info, out=None):
           f"mode {environment_info['mode']}", file=out, flush=True)
 
 
+def _print_rows(columns, rows, out):
+    """A table of ``rows`` (dicts): ``columns`` are (header, key, format spec); text left-aligned, numbers right."""
+    def header(title, spec):
+        width = spec.rstrip("sdf").split(".")[0]
+        return format(title, ("<" if spec.endswith("s") else ">") + width)
+
+    print(INDENT + " ".join(header(title, spec) for title, _, spec in columns), file=out)
+    for row in rows:
+        print(INDENT + " ".join(format(row[key], spec) for _, key, spec in columns), file=out)
+
+
 def print_section(name, section, out=None):
     """The section's lines of the table, printed as soon as it ends (a loan cut short keeps what was printed)."""
     out = out or sys.stdout
@@ -419,48 +424,44 @@ def print_section(name, section, out=None):
     elif name == "equivalence":
         print(head + f"{section['passed']} of {section['cases']} cases within the bound, layer "
               f"{'x'.join(map(str, section['shape']))}", file=out)
-        print(f"{'':14s}{'strategy':22s} {'dtype':9s} {'cases':>5s} {'failed':>6s}  worst error / bound", file=out)
+        summary = []
         by_strategy = sorted(section["rows"], key=lambda r: (STRATEGIES.index(r["strategy"]), r["dtype_name"]))
-        for (strategy, dtype), group in itertools.groupby(by_strategy,
-                                                          key=lambda r: (r["strategy"], r["dtype_name"])):
+        for (strategy, dtype), group in itertools.groupby(by_strategy, key=lambda r: (r["strategy"], r["dtype_name"])):
             group = list(group)
-            worst = max(group, key=lambda r: r["worst_ratio"])
-            print(f"{'':14s}{strategy:22s} {dtype:9s} {len(group):5d} {sum(not r['ok'] for r in group):6d}"
-                  f"  {worst['worst_ratio']:.2f} ({worst['worst']}, {worst['act']}, {worst['layout']}, "
-                  f"{'train' if worst['training'] else 'eval'}{', residual' if worst['residual'] else ''})",
-                  file=out)
+            w = max(group, key=lambda r: r["worst_ratio"])
+            summary.append({"strategy": strategy, "dtype": dtype, "cases": len(group),
+                            "failed": sum(not r["ok"] for r in group),
+                            "worst": f"{w['worst_ratio']:.2f} ({w['worst']}, {w['act']}, {w['layout']}, "
+                                     f"{'train' if w['training'] else 'eval'}{', residual' if w['residual'] else ''})"})
+        _print_rows([("strategy", "strategy", "22s"), ("dtype", "dtype", "9s"), ("cases", "cases", "5d"),
+                     ("failed", "failed", "6d"), ("worst error / bound", "worst", "s")], summary, out)
     elif name == "layer_time":
         print(head + f"forward+backward, float32 NCHW, leaky_relu, medians of {section['repeats']} interleaved "
               "repeats" + (" (simulator: CPU wall times, not GPU figures)" if section["simulated"] else ""),
               file=out)
-        print(f"{'':14s}{'shape':16s} {'variant':22s} {'device ms':>10s} {'wall ms':>9s} {'vs native':>9s}",
-              file=out)
-        for row in section["rows"]:
-            print(f"{'':14s}{row['shape']:16s} {row['variant']:22s} {row['device_ms']:10.3f} "
-                  f"{row['wall_ms']:9.3f} {row['vs_native']:8.2f}x", file=out)
+        _print_rows([("shape", "shape", "16s"), ("variant", "variant", "22s"), ("device ms", "device_ms", "10.3f"),
+                     ("wall ms", "wall_ms", "9.3f"), ("vs native", "vs_native", "9.2f")], section["rows"], out)
     elif name == "bandwidth":
         print(head + f"float32, medians of {section['repeats']} interleaved repeats" +
               (" (simulator: CPU wall times, not GPU figures)" if section["simulated"] else ""), file=out)
-        print(f"{'':14s}{'shape':16s} {'layout':6s} {'kernel':20s} {'GB/s':>8s} {'copy GB/s':>10s} {'of copy':>8s}",
-              file=out)
-        for row in section["rows"]:
-            print(f"{'':14s}{row['shape']:16s} {row['layout']:6s} {row['kernel']:20s} {row['gb_per_s']:8.1f} "
-                  f"{row['copy_gb_per_s']:10.1f} {row['fraction_of_copy']:8.2f}", file=out)
+        _print_rows([("shape", "shape", "16s"), ("layout", "layout", "6s"), ("kernel", "kernel", "20s"),
+                     ("GB/s", "gb_per_s", "8.1f"), ("copy GB/s", "copy_gb_per_s", "10.1f"),
+                     ("of copy", "fraction_of_copy", "8.2f")], section["rows"], out)
     elif name == "memory":
         print(head + "training steps per strategy (ckptnorm.torch.compare)" +
               (" (simulate: CPU tensors on the CPU kernels, not GPU figures)" if section["simulated"] else ""),
               file=out)
         for model in section["models"]:
-            print("\n".join(f"{'':14s}{line}" for line in model["table"].splitlines()), file=out)
+            print("\n".join(INDENT + line for line in model["table"].splitlines()), file=out)
         for model, why in section["skipped"].items():
-            print(f"{'':14s}{model}: skipped, {why}", file=out)
+            print(f"{INDENT}{model}: skipped, {why}", file=out)
     elif name == "cuda_graph":
         print(head + section.get("note", f"preact_resnet {section.get('input')}, one training step captured "
                                  "and replayed"), file=out)
         for row in section["rows"]:
             result = (f"replay's gradient vs eager {row['grad_error']:.1e}" if row["captured"]
                       else f"not captured: {row['reason']}")
-            print(f"{'':14s}{row['strategy']:22s} {result}", file=out)
+            print(f"{INDENT}{row['strategy']:22s} {result}", file=out)
     out.flush()
 
 

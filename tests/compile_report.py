@@ -119,4 +119,4 @@ class CompileReport:
                        "compile_seconds_by_test": by_test,
                        "repeated_compilations": [{"family": f, "signature": s, "seconds": t}
                                                  for (f, s), t in sorted(repeated.items())],
-                       "compilations": {p: e for p, e in self.events_by_process.items()}}, fh, indent=1)
+                       "compilations": self.events_by_process}, fh, indent=1)
