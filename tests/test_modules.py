@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ckptnorm
-from ckptnorm.torch import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
+from ckptnorm.torch import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _compat
 
 PAIRS = [(BatchNormAct1d, torch.nn.BatchNorm1d), (BatchNormAct2d, torch.nn.BatchNorm2d),
          (BatchNormAct3d, torch.nn.BatchNorm3d)]
@@ -37,13 +37,22 @@ def test_same_parameters_buffers_and_defaults_as_batchnorm():
     assert isinstance(layer, torch.nn.modules.batchnorm._BatchNorm)
 
 
-def test_bias_false_has_no_bias_parameter():
+@pytest.mark.parametrize("norm_takes_bias", sorted({_compat._NORM_TAKES_BIAS, False}))
+def test_bias_false_has_no_bias_parameter(monkeypatch, norm_takes_bias):
+    """Also as on a torch whose BatchNorm has no ``bias`` keyword (2.11, the lent GPUs' torch)."""
+    monkeypatch.setattr(_compat, "_NORM_TAKES_BIAS", norm_takes_bias)
     layer = BatchNormAct2d(4, bias=False)
     assert layer.bias is None and "bias" not in layer.state_dict()
+    assert [n for n, _ in layer.named_parameters()] == ["weight"]
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     layer(x).sum().backward()
     assert layer.weight.grad is not None
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
     layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.ones(4))
+    assert BatchNormAct2d(4, bias=True).bias is not None
+    assert [n for n, _ in BatchNormAct2d(4, affine=False, bias=False).named_parameters()] == []
 
 
 def test_device_and_dtype_arguments():

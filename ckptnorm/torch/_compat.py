@@ -6,9 +6,11 @@ and a new release that moves one breaks this module only.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
 
 # -- autograd: the default saved-tensor hook stack (rematerialization, ``_recompute``) -----------------------------------
@@ -36,6 +38,23 @@ def push_saved_tensors_hooks(pack, unpack) -> None:
 
 def pop_saved_tensors_hooks() -> None:
     torch._C._autograd._pop_saved_tensors_default_hooks()
+
+
+# -- BatchNorm's constructor (public, but its ``bias`` keyword is newer than torch 2.11) ---------------------------------
+_NORM_TAKES_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
+
+
+def init_batch_norm(module: nn.Module, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                    bias: bool) -> None:
+    """Run ``_NormBase.__init__`` on ``module`` with ``bias``, also on a torch whose BatchNorm lacks the keyword:
+    there an affine module without bias gets its weight only, as the keyword would have left it."""
+    if _NORM_TAKES_BIAS:
+        _NormBase.__init__(module, num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                           bias=bias)
+        return
+    _NormBase.__init__(module, num_features, eps, momentum, affine, track_running_stats, device, dtype)
+    if affine and not bias:
+        module.register_parameter("bias", None)
 
 
 # -- modules -------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _compat
 from ..activations import get_activation
 from ..strategies import get_strategy
 from .module_call import describe_callable
@@ -32,7 +33,7 @@ class _BatchNormAct(_BatchNorm):
                  strategy="efficient_checkpoint", inplace=False):
         if not eps > 0:
             raise ValueError(f"ckptnorm: eps must be positive, got {eps}; tip: use the default 1e-5")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        _compat.init_batch_norm(self, num_features, eps, momentum, affine, track_running_stats, device, dtype, bias)
         strat = get_strategy(strategy)
         fn = activation_module(activation, activation_param, strat)  # None for a named activation
         act = None if fn is not None else get_activation(activation, activation_param)
@@ -46,6 +47,14 @@ class _BatchNormAct(_BatchNorm):
         self.activation_param = None if fn is not None else act.param
         self.strategy = strat.name
         self.inplace = inplace
+
+    def reset_parameters(self) -> None:
+        # BatchNorm's own, but also for a module without bias on a torch whose BatchNorm always has one (2.11).
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def __setattr__(self, name, value):
         # Replacing a module activation by a name (or plain callable): nn.Module refuses a non-module value for a
@@ -92,7 +101,9 @@ class _BatchNormAct(_BatchNorm):
         extra = f", activation={act}, strategy={self.strategy}"
         if self.inplace:
             extra += ", inplace=True"
-        return super().extra_repr() + extra
+        # BatchNorm's own fields, written here so that ``bias`` shows also on a torch whose BatchNorm lacks it (2.11).
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+                f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}" + extra)
 
 
 class BatchNormAct1d(_BatchNormAct):
