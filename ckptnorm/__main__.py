@@ -55,6 +55,16 @@ def _budget(text):
     return value if value <= 1 else int(value)
 
 
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1] (e.g. 0.5), got {text!r}")
+    return value
+
+
 _ZOO_LIBRARIES = ("torchvision", "timm", "smp")
 _MODEL_FORMS = "preact_resnet, postact_resnet, torchvision:NAME, timm:NAME or smp:ARCH:ENCODER"
 
@@ -100,6 +110,12 @@ def build_parser():
     cmp.add_argument("--strategies", nargs="+", type=_strategy, default=list(STRATEGY_NAMES))
     cmp.add_argument("--repeats", type=_positive_int, default=None,
                      help="timed steps per row; the median is shown (default 5; 7 for --model block)")
+    cmp.add_argument("--compile", action="store_true",
+                     help="also torch.compile rows: the model as given and each strategy's converted model, "
+                          "compiled with default settings (compile time in a column of its own)")
+    cmp.add_argument("--compile-budgets", nargs="+", type=_fraction, default=[], metavar="B",
+                     help="also one row per budget: the model as given compiled with torch's "
+                          "activation_memory_budget=B (0 < B <= 1; e.g. 1.0 0.5 0.2)")
     cmp.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     cmp.add_argument("--plot", metavar="FILE", help="also write a PNG of memory vs time (needs matplotlib)")
     cmp.add_argument("--no-progress", action="store_true", help="no progress bar (shown when tqdm is installed)")
@@ -166,7 +182,8 @@ def _compare_block(parser, args):
     torch.manual_seed(0)
     block = make_block(shape[1], args.channels, args.activation).train()
     result = compare(block, torch.randn(shape), args.strategies, repeats=repeats, progress=not args.no_progress,
-                     include_torch_checkpoint=False, model_name=f"block conv1x1({shape[1]}->{args.channels}) -> "
+                     include_torch_checkpoint=False, compile=args.compile, compile_budgets=args.compile_budgets,
+                     model_name=f"block conv1x1({shape[1]}->{args.channels}) -> "
                      f"BN({args.channels}) -> {act.describe()} -> conv1x1({args.channels}->{shape[1]})")
     return _report(parser, args, result)
 
@@ -200,7 +217,7 @@ def _compare(parser, args):
     from .torch.compare import compare
     model, x = _build_model(parser, args.model, args.input)
     result = compare(model, x, args.strategies, repeats=args.repeats or 5, progress=not args.no_progress,
-                     model_name=args.model)
+                     compile=args.compile, compile_budgets=args.compile_budgets, model_name=args.model)
     return _report(parser, args, result)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ def test_compare_block_prints_every_strategy(capsys):
     out = capsys.readouterr().out
     assert out.startswith("model block conv1x1(4->8) -> BN(8) -> leaky_relu")
     for name in ("original", "standard", "checkpoint", "efficient_checkpoint", "inplace_abn"):
-        assert f"\n{name} " in out
+        assert re.search(rf"\n[* ] {name} ", out), name
     assert "torch_checkpoint" not in out
 
 
@@ -45,9 +46,24 @@ def test_compare_default_model_with_json(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.startswith("model preact_resnet, input 2x3x8x8 float32")
     for name in ROWS:
-        assert f"\n{name} " in out
+        assert re.search(rf"\n[* ] {name} ", out), name
     data = json.loads(path.read_text())
     assert [r["name"] for r in data["rows"]] == list(ROWS)
+
+
+def test_compare_compile_budget_row(capsys, tmp_path):
+    """--compile-budgets adds compiled rows (one compilation of the small block here; --compile is covered by
+    test_compare's compiled block, which compiles four times)."""
+    path = tmp_path / "out.json"
+    assert main(["compare", "--model", "block", "--input", "2x4x4x4", "--channels", "8", "--repeats", "1",
+                 "--no-progress", "--strategies", "inplace_abn", "--compile-budgets", "0.5", "--json",
+                 str(path)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\n[* ] compile:budget=0.5 ", out) and "compile s" in out
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["name"] for r in rows] == ["original", "standard", "inplace_abn", "compile:budget=0.5"]
+    assert rows[-1]["settings"] == {"compile": True, "strategy": None, "budget": 0.5}
+    assert rows[-1]["compile_seconds"] is not None and rows[0]["compile_seconds"] is None
 
 
 def test_compare_postact_model(capsys, tmp_path):
@@ -78,6 +94,7 @@ NO_MATPLOTLIB = importlib.util.find_spec("matplotlib") is None
     (["compare", "--model", "resnet9000"], "ckptnorm: unknown model 'resnet9000'; tip:"),
     (["compare", "--input", "2x1x8x8"], "ckptnorm: input 2x1x8x8 does not fit model 'preact_resnet'"),
     (["compare", "--repeats", "0"], "expected a positive integer"),
+    (["compare", "--compile-budgets", "0.5", "2"], "expected a fraction in (0, 1]"),
     (["plan"], "--budget"),
     (["plan", "--budget", "-1"], "expected a fraction"),
     pytest.param(["compare", "--model", "torchvision:resnet50"], "needs torchvision, which is not installed; tip:",

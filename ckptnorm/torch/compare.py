@@ -16,6 +16,10 @@ own deep copy of the model, so the caller's model is untouched) for:
    ``decoder.blocks[0]``, ... in segmentation-models-pytorch); failing that, each top-level child with parameters.
    A model where no blocks are found, or whose checkpointed blocks do not run, gets no such row: ``meta["skipped"]``
    and the table say why.
+ - with ``compile=True`` / ``compile_budgets``: ``torch.compile`` rows (``ckptnorm.torch.compiled``):
+   ``compile:original`` and ``compile:<strategy>`` (default settings), ``compile:budget=B`` (the model as given,
+   ``activation_memory_budget=B``).  Their compile time (first step minus median step) is a column of its own;
+   Dynamo's caches are reset before each such row and after the comparison.
 
 The loss of a step is ``ckptnorm.torch.zoo.training_loss``: summed over every output tensor (tuples, lists, dicts
 such as torchvision's segmentation ``{"out", "aux"}``, ``.logits``), cross-entropy for a classifier's logits, the
@@ -27,13 +31,18 @@ added, since its own saved-tensor hooks hide the rest); the reduction vs ``stand
 growth during one step (on CUDA exact: ``torch.cuda.max_memory_allocated`` minus what was allocated before; on CPU
 approximate: the process's resident set size from ``/proc/self/statm``, sampled during the step after returning
 freed heap memory to the OS, minus its value before; ``None`` where ``/proc`` is missing); the median step time and
-its ratio to ``standard`` measured in the same run; the normwise relative error of the whole gradient vs
-``standard``'s (``||g - g_std|| / ||g_std||``, all parameters as one vector).
+its ratio to ``standard`` measured in the same run; the normwise relative error of the whole gradient against the
+float64 truth, the model as given run in float64 on the same inputs (``||g - g64|| / ||g64||``, all parameters as
+one vector; so ``original`` shows PyTorch's own float32 error beside ours).  A model that does not run in float64
+is compared with ``standard``'s gradient instead (``meta["grad_reference"]`` says which).  The step whose gradient is
+compared runs under ``torch.manual_seed(0)`` in every row and in the truth (the caller's RNG state is restored), so
+that dropout draws the same masks where PyTorch draws them the same way.
 
 Steps, saved bytes and times come from ``harness`` (the same step ``plan`` and the benchmarks measure).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -81,10 +90,16 @@ class Row:
     saved_bytes: int
     peak_bytes: int | None
     step_seconds: float
-    grad_error: float         # normwise over the whole gradient vs standard's
+    grad_error: float         # normwise over the whole gradient vs the float64 truth (meta["grad_reference"])
     note: str = ""
     reduction: float = 0.0    # 1 - saved_bytes / standard's
     time_ratio: float = 1.0   # step_seconds / standard's
+    compile_seconds: float | None = None  # compiled rows: first step's time minus the median step's
+    settings: dict = field(default_factory=dict)  # compiled rows: {"compile": True, "strategy", "budget"}
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.settings.get("compile"))
 
 
 @dataclass
@@ -100,19 +115,37 @@ class Comparison:
                 return r
         raise KeyError(name)
 
+    def pareto(self) -> list:
+        """The names of the rows no other row beats on both saved bytes and step time (the frontier)."""
+        return [r.name for r in self.rows
+                if not any(o.saved_bytes <= r.saved_bytes and o.step_seconds <= r.step_seconds
+                           and (o.saved_bytes, o.step_seconds) != (r.saved_bytes, r.step_seconds) for o in self.rows)]
+
     def table(self) -> str:
         m = self.meta
+        width = max([20] + [len(r.name) for r in self.rows])
+        frontier = set(self.pareto())
+        any_compiled = any(r.compiled for r in self.rows)
         lines = [f"model {m.get('model', '?')}, input {m.get('input', '?')}, {m.get('device', '?')}, "
                  f"{m.get('threads', '?')} threads, median of {m.get('repeats', '?')} training steps "
                  "(forward + loss + backward)",
-                 f"{'row':20s} {'saved MiB':>10s} {'reduction':>10s} {'peak MiB':>9s} {'step ms':>9s} "
-                 f"{'time ratio':>11s} {'grad err':>9s}"]
+                 f"  {'row':{width}s} {'saved MiB':>10s} {'reduction':>10s} {'peak MiB':>9s} {'step ms':>9s} "
+                 f"{'time ratio':>11s} {'grad err':>9s}" + (f" {'compile s':>10s}" if any_compiled else "")]
         for r in self.rows:
             peak = "-" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.2f}"
-            lines.append(f"{r.name:20s} {r.saved_bytes / 2**20:10.2f} {r.reduction:10.1%} {peak:>9s} "
-                         f"{r.step_seconds * 1e3:9.1f} {r.time_ratio:10.2f}x {r.grad_error:9.1e}")
+            line = (f"{'*' if r.name in frontier else ' '} {r.name:{width}s} {r.saved_bytes / 2**20:10.2f} "
+                    f"{r.reduction:10.1%} {peak:>9s} {r.step_seconds * 1e3:9.1f} {r.time_ratio:10.2f}x "
+                    f"{r.grad_error:9.1e}")
+            if any_compiled:
+                line += f" {'-' if r.compile_seconds is None else f'{r.compile_seconds:.1f}':>10s}"
+            lines.append(line)
         lines.append("saved = bytes kept for backward (exact; parameters and inputs excluded); reduction and time "
-                     "ratio vs standard; grad err = normwise relative error of the whole gradient vs standard")
+                     f"ratio vs standard; grad err = normwise relative error of the whole gradient vs "
+                     f"{m.get('grad_reference', 'standard')}; * = on the frontier (no other row keeps fewer bytes in "
+                     "less time)")
+        if any_compiled:
+            lines.append("compile:* rows = torch.compile of that row's model; compile s = first step's time minus "
+                         "the median step's (Dynamo + Inductor, forward and backward; shorter with warm caches)")
         lines.append("peak = " + ("growth of torch.cuda.max_memory_allocated during one step" if m.get("device", "")
                                   .startswith("cuda") else "growth of the process RSS during one step "
                                   "(approximate: sampled, allocator-dependent)"))
@@ -131,7 +164,8 @@ class Comparison:
         return cls([Row(**r) for r in data["rows"]], data.get("meta", {}))
 
     def plot(self, path) -> None:
-        """Write a PNG: step time (x) vs saved-activation memory (y), one labelled point per row."""
+        """Write a PNG: step time (x) vs saved-activation memory (y), one labelled point per row (eager: circles,
+        compiled: crosses), the frontier (``pareto``) as a line."""
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -141,9 +175,17 @@ class Comparison:
                               ", or use to_json() / --json instead") from None
         fig, ax = plt.subplots(figsize=(6.4, 4.8))
         for r in self.rows:
-            ax.scatter(r.step_seconds * 1e3, r.saved_bytes / 2**20)
+            ax.scatter(r.step_seconds * 1e3, r.saved_bytes / 2**20, marker="x" if r.compiled else "o",
+                       color="tab:orange" if r.compiled else "tab:blue")
             ax.annotate(r.name, (r.step_seconds * 1e3, r.saved_bytes / 2**20), textcoords="offset points",
                         xytext=(5, 5), fontsize=8)
+        front = sorted((r.step_seconds * 1e3, r.saved_bytes / 2**20) for r in self.rows if r.name in self.pareto())
+        ax.plot([t for t, _ in front], [b for _, b in front], color="gray", linestyle="--", linewidth=1,
+                label="frontier")
+        ax.scatter([], [], marker="o", color="tab:blue", label="eager")
+        if any(r.compiled for r in self.rows):
+            ax.scatter([], [], marker="x", color="tab:orange", label="torch.compile")
+        ax.legend(fontsize=8)
         ax.set_xlabel("training step time (ms, median)")
         ax.set_ylabel("saved activations (MiB)")
         ax.set_title(f"{self.meta.get('model', '')} {self.meta.get('input', '')}".strip(), fontsize=9)
@@ -284,39 +326,96 @@ def _progress(total, enabled):
     return tqdm(total=total, desc="ckptnorm compare", unit="step", leave=False)
 
 
+def _seeded_step(model, inputs, device):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        training_step(model, inputs)
+
+
+def _float64_gradient(model, inputs, device):
+    """(gradient, None) of one seeded step of the model as given in float64 (a deep copy; floating-point inputs
+    cast), or (None, why) where the model does not run in float64."""
+    try:
+        m64 = copy.deepcopy(model).double().train()
+        inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+        _seeded_step(m64, inputs64, device)
+    except Exception as exc:  # noqa: BLE001 -- whatever float64 breaks in a user's model
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return _param_grads(m64), None
+
+
+def _measure(model, runner, inputs, device, repeats, bar):
+    """One row's figures: (gradients of the first step, its seconds, saved bytes, peak, median step seconds).
+    ``runner`` is what is called (``model``, or ``model`` compiled); the gradients are read from ``model``."""
+    global _active_counter
+
+    def advance(n=1):
+        if bar is not None:
+            bar.update(n)
+    start = time.perf_counter()
+    _seeded_step(runner, inputs, device)  # warm-up (kernel compilation, allocator); its gradients are compared
+    first = time.perf_counter() - start
+    grads = _param_grads(model)
+    advance()
+    counter = SavedTensorsCounter(exclude=[model, *[t for t in inputs if isinstance(t, torch.Tensor)]])
+    _active_counter = counter
+    try:
+        training_step(runner, inputs, counter=counter)
+    finally:
+        _active_counter = None
+    advance()
+    peak = _peak(runner, inputs, device)
+    advance()
+    (seconds,) = median_times([runner], inputs, repeats)
+    advance(repeats)
+    return grads, first, counter.saved_bytes, peak, seconds
+
+
 def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, repeats=5, progress=True,
-            include_original=True, include_torch_checkpoint=True, model_name=None) -> Comparison:
+            include_original=True, include_torch_checkpoint=True, compile=False, compile_budgets=(),
+            model_name=None) -> Comparison:
     """Measure training steps of ``model`` on ``example_inputs`` under each strategy; see the module docstring.
 
     ``standard`` is always measured (first: it is the baseline) even if not listed.  ``plan``: a ``Plan`` whose
     ``apply(model)`` gives the planned model (row ``plan``).  ``repeats``: timed steps per row (median shown).
-    ``progress``: a tqdm progress bar on stderr when tqdm is installed.  The caller's model is not modified.
+    ``compile``: also ``compile:original`` (``torch.compile`` of the model as given, default settings) and
+    ``compile:<strategy>`` for each strategy (its converted model compiled).  ``compile_budgets``: one row
+    ``compile:budget=B`` per budget, the model as given compiled with ``activation_memory_budget=B`` (0 < B <= 1;
+    see ``ckptnorm.torch.compiled``).  ``progress``: a tqdm progress bar on stderr when tqdm is installed.  The
+    caller's model is not modified.
     """
     from ..strategies import get_strategy
+    from . import compiled
     from .convert import convert
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"ckptnorm: compare needs an nn.Module, got {type(model).__name__}; tip: pass the model")
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"ckptnorm: repeats must be a positive int, got {repeats!r}; tip: use repeats=5")
+    budgets = [float(b) for b in compile_budgets]
+    if any(not 0 < b <= 1 for b in budgets):
+        raise ValueError(f"ckptnorm: compile budgets are fractions in (0, 1], got {list(compile_budgets)}; tip: "
+                         "use e.g. compile_budgets=(1.0, 0.5, 0.2)")
     names = [get_strategy(s).name for s in strategies]
     names = ["standard"] + [n for n in dict.fromkeys(names) if n != "standard"]
     inputs = as_inputs(example_inputs)
     device = next((t.device for t in inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
 
-    variants = []  # (row name, builder () -> (model, note))
+    variants = []  # (row name, builder () -> (model, note), settings: {} for an eager row)
+    as_given = "the model as given (PyTorch's BN + act)"
     if include_original:
-        variants.append(("original", lambda: (copy.deepcopy(model), "the model as given (PyTorch's BN + act)")))
+        variants.append(("original", lambda: (copy.deepcopy(model), as_given), {}))
+
+    def build_converted(n):
+        converted = convert(model, n)
+        return converted, _note(converted.ckptnorm_report)
     for n in names:
-        def build(n=n):
-            converted = convert(model, n)
-            return converted, _note(converted.ckptnorm_report)
-        variants.append((n, build))
+        variants.append((n, lambda n=n: build_converted(n), {}))
     if plan is not None:
         def build_plan():
             planned = plan.apply(model)
             report = getattr(planned, "ckptnorm_report", None)
             return planned, ("per-site strategies of the plan" if report is None else _note(report))
-        variants.append(("plan", build_plan))
+        variants.append(("plan", build_plan, {}))
     if include_torch_checkpoint:
         def build_ckpt():
             wrapped = copy.deepcopy(model)
@@ -325,63 +424,63 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
                 raise _Skip("no blocks found to wrap in torch.utils.checkpoint (no child module with parameters)")
             shown = ", ".join(blocks[:3]) + (", ..." if len(blocks) > 3 else "")
             return wrapped, f"torch.utils.checkpoint (non-reentrant) around {len(blocks)} blocks ({shown})"
-        variants.append(("torch_checkpoint", build_ckpt))
+        variants.append(("torch_checkpoint", build_ckpt, {}))
+    if compile:
+        variants.append(("compile:original", lambda: (copy.deepcopy(model), as_given),
+                         {"compile": True, "strategy": None, "budget": None}))
+        for n in names:
+            variants.append((f"compile:{n}", lambda n=n: build_converted(n),
+                             {"compile": True, "strategy": n, "budget": None}))
+    for b in budgets:
+        variants.append((f"compile:budget={b:g}", lambda: (copy.deepcopy(model), as_given),
+                         {"compile": True, "strategy": None, "budget": b}))
 
+    truth, why_not = _float64_gradient(model, inputs, device)
     bar = _progress(len(variants) * (repeats + 3), progress)
-    global _active_counter
-    rows, reference = [], None
-    measured, skipped = {}, {}
+    rows, measured, skipped = [], {}, {}
     try:
-        for name, build in variants:
+        for name, build, settings in variants:
             if bar is not None:
-                bar.set_postfix_str(name)
-            if name == "torch_checkpoint":  # a baseline of the table, not ckptnorm: skipped when it does not apply
-                try:
-                    m, note = build()
-                    m.train()
-                    training_step(m, inputs)
-                except Exception as exc:  # noqa: BLE001 -- whatever checkpointing the blocks breaks
-                    skipped[name] = (str(exc) if isinstance(exc, _Skip) else
-                                     f"the checkpointed blocks do not run ({type(exc).__name__}: "
-                                     f"{str(exc).splitlines()[0] if str(exc) else ''})")
-                    if bar is not None:
-                        bar.update(repeats + 3)
-                    continue
-            else:
+                bar.set_postfix_str(f"{name} (compiling)" if settings else name)
+            if settings:
+                compiled.prepare()
+            context = compiled.compile_settings(settings["budget"]) if settings else contextlib.nullcontext()
+            try:
                 m, note = build()
                 m.train()
-                training_step(m, inputs)  # warm-up (kernel compilation, allocator); its gradients are compared
-            grads = _param_grads(m)
-            if bar is not None:
-                bar.update()
-            counter = SavedTensorsCounter(exclude=[m, *[t for t in inputs if isinstance(t, torch.Tensor)]])
-            _active_counter = counter
-            try:
-                training_step(m, inputs, counter=counter)
-            finally:
-                _active_counter = None
-            if bar is not None:
-                bar.update()
-            peak = _peak(m, inputs, device)
-            if bar is not None:
-                bar.update()
-            (seconds,) = median_times([m], inputs, repeats)
-            if bar is not None:
-                bar.update(repeats)
-            measured[name] = (counter.saved_bytes, peak, seconds, grads, note)
-            del m
+                runner = torch.compile(m) if settings else m
+                with context:
+                    grads, first, saved, peak, seconds = _measure(m, runner, inputs, device, repeats, bar)
+                    if settings:
+                        note = f"{note}; {compiled.describe(settings['budget'])}"
+            except Exception as exc:  # noqa: BLE001 -- torch_checkpoint is a baseline, not ckptnorm: skipped
+                if name != "torch_checkpoint":
+                    raise
+                skipped[name] = (str(exc) if isinstance(exc, _Skip) else
+                                 f"the checkpointed blocks do not run ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
+                if bar is not None:
+                    bar.update(repeats + 3)
+                continue
+            measured[name] = (saved, peak, seconds, grads, note, first - seconds if settings else None, settings)
+            del m, runner
     finally:
         if bar is not None:
             bar.close()
-    reference = measured["standard"][3]
+        if compile or budgets:
+            torch._dynamo.reset()  # the compiled rows' graphs are not kept alive after the comparison
+    reference = truth if truth is not None else measured["standard"][3]
     std_saved, std_time = measured["standard"][0], measured["standard"][2]
-    for name, (saved, peak, seconds, grads, note) in measured.items():
+    for name, (saved, peak, seconds, grads, note, compile_seconds, settings) in measured.items():
         rows.append(Row(name, saved, peak, seconds, _grad_error(grads, reference), note,
-                        1.0 - saved / std_saved if std_saved else 0.0, seconds / std_time))
+                        1.0 - saved / std_saved if std_saved else 0.0, seconds / std_time, compile_seconds,
+                        settings))
     shape = "x".join(str(d) for d in inputs[0].shape) if isinstance(inputs[0], torch.Tensor) else "?"
     meta = {"model": model_name or type(model).__name__, "input": f"{shape} {str(inputs[0].dtype)[6:]}",
             "device": str(device), "threads": torch.get_num_threads(), "repeats": repeats,
             "torch": torch.__version__}
+    meta["grad_reference"] = ("the float64 truth" if truth is not None else
+                              f"standard (the model does not run in float64: {why_not})")
     if skipped:
         meta["skipped"] = skipped
     return Comparison(rows, meta)
