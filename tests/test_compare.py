@@ -248,7 +248,8 @@ def test_compile_rows_beside_the_eager_rows(compiled_block):
         assert r.compiled == r.name.startswith("compile:")
         assert (r.compile_seconds is None) == (not r.compiled)
         assert r.saved_bytes > 0 and r.step_seconds > 0 and r.grad_error < 1e-4, r.name
-    assert result["compile:inplace_abn"].settings == {"compile": True, "strategy": "inplace_abn", "budget": None}
+    assert result["compile:inplace_abn"].settings == {"compile": True, "strategy": "inplace_abn", "budget": None,
+                                                      "options": {"layout_optimization": False}}
     assert result["compile:budget=0.5"].settings == {"compile": True, "strategy": None, "budget": 0.5}
     # PyTorch's partitioner already recomputes the pointwise ops; the budget recomputes more.
     assert result["compile:original"].saved_bytes < result["original"].saved_bytes
@@ -256,6 +257,7 @@ def test_compile_rows_beside_the_eager_rows(compiled_block):
     # ckptnorm's layers are left to eager (graph breaks, counted in the note); PyTorch's block is one graph.
     assert "default settings): 1 graph, no graph break" in result["compile:original"].note
     assert re.search(r"\d+ graph breaks \(\d+x .*torch.compiler.disable", result["compile:inplace_abn"].note)
+    assert "(layout_optimization=False): " in result["compile:inplace_abn"].note
     assert "activation_memory_budget=0.5" in result["compile:budget=0.5"].note
 
 
@@ -297,3 +299,5 @@ def test_compiled_preact_resnet_smoke():
     for r in result.rows:
         assert r.grad_error < 1e-4, r.name
     assert result["compile:efficient_checkpoint"].saved_bytes < result["compile:standard"].saved_bytes
+    # COMPILE_OPTIONS: the compiled converted model keeps what the eager one keeps, not Inductor's layout copies.
+    assert result["compile:efficient_checkpoint"].saved_bytes == result["efficient_checkpoint"].saved_bytes

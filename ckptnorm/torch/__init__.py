@@ -4,6 +4,7 @@ the memory-budget planner (``plan``) and the comparison (``compare``)."""
 from ._arrays import use_backend
 from ._recompute import SavedTensorsCounter, pack_hook, unpack_hook
 from .compare import Comparison, compare
+from .compiled import COMPILE_OPTIONS
 from .convert import ConversionReport, SiteDecision, convert, convert_sync
 from .equivalence import Equivalence, check_equivalence
 from .function import BatchNormActFunction, batch_norm_act
@@ -22,6 +23,6 @@ from .sync import ProcessGroupReducer, SyncBatchNormError, SyncFallbackWarning
 __all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d", "BatchNormActFunction",
            "SavedTensorsCounter", "pack_hook", "unpack_hook", "use_backend",
            "convert", "ConversionReport", "SiteDecision", "find_sites", "Site", "SiteDiscoveryWarning",
-           "plan", "Plan", "PlanEntry", "compare", "Comparison",
+           "plan", "Plan", "PlanEntry", "compare", "Comparison", "COMPILE_OPTIONS",
            "SyncBatchNormAct1d", "SyncBatchNormAct2d", "SyncBatchNormAct3d", "convert_sync", "ProcessGroupReducer",
            "SyncBatchNormError", "SyncFallbackWarning", "check_equivalence", "Equivalence"]

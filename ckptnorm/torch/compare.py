@@ -95,7 +95,7 @@ class Row:
     reduction: float = 0.0    # 1 - saved_bytes / standard's
     time_ratio: float = 1.0   # step_seconds / standard's
     compile_seconds: float | None = None  # compiled rows: first step's time minus the median step's
-    settings: dict = field(default_factory=dict)  # compiled rows: {"compile": True, "strategy", "budget"}
+    settings: dict = field(default_factory=dict)  # compiled rows: compile, strategy, budget, options
 
     @property
     def compiled(self) -> bool:
@@ -379,7 +379,7 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
     ``standard`` is always measured (first: it is the baseline) even if not listed.  ``plan``: a ``Plan`` whose
     ``apply(model)`` gives the planned model (row ``plan``).  ``repeats``: timed steps per row (median shown).
     ``compile``: also ``compile:original`` (``torch.compile`` of the model as given, default settings) and
-    ``compile:<strategy>`` for each strategy (its converted model compiled).  ``compile_budgets``: one row
+    ``compile:<strategy>`` for each strategy (its converted model compiled with ``compiled.COMPILE_OPTIONS``).  ``compile_budgets``: one row
     ``compile:budget=B`` per budget, the model as given compiled with ``activation_memory_budget=B`` (0 < B <= 1;
     see ``ckptnorm.torch.compiled``).  ``progress``: a tqdm progress bar on stderr when tqdm is installed.  The
     caller's model is not modified.
@@ -430,7 +430,7 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
                          {"compile": True, "strategy": None, "budget": None}))
         for n in names:
             variants.append((f"compile:{n}", lambda n=n: build_converted(n),
-                             {"compile": True, "strategy": n, "budget": None}))
+                             {"compile": True, "strategy": n, "budget": None, "options": compiled.COMPILE_OPTIONS}))
     for b in budgets:
         variants.append((f"compile:budget={b:g}", lambda: (copy.deepcopy(model), as_given),
                          {"compile": True, "strategy": None, "budget": b}))
@@ -448,11 +448,11 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
             try:
                 m, note = build()
                 m.train()
-                runner = torch.compile(m) if settings else m
+                runner = torch.compile(m, options=settings.get("options")) if settings else m
                 with context:
                     grads, first, saved, peak, seconds = _measure(m, runner, inputs, device, repeats, bar)
                     if settings:
-                        note = f"{note}; {compiled.describe(settings['budget'])}"
+                        note = f"{note}; {compiled.describe(settings['budget'], settings.get('options'))}"
             except Exception as exc:  # noqa: BLE001 -- torch_checkpoint is a baseline, not ckptnorm: skipped
                 if name != "torch_checkpoint":
                     raise
