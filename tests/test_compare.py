@@ -198,6 +198,22 @@ def test_gradient_truth_is_float64_or_standard_where_float64_does_not_run():
     assert "gradient vs the float64 truth" in result.table()
 
 
+def test_dropout_draws_the_same_masks_in_every_row_and_in_the_truth():
+    """Each compared step is seeded (and the caller's RNG state restored), so that a model with dropout shows
+    rounding in every row, and a row whose backward used other masks than its forward would stand out."""
+    torch.manual_seed(0)
+    block = make_block(4, 8)
+    model = torch.nn.Sequential(block[0], block[1], block[2], torch.nn.Dropout(0.5), block[3])
+    x = torch.randn(2, 4, 8, 8)
+    state = torch.get_rng_state()
+    result = compare(model, x, ["checkpoint", "inplace_abn"], repeats=1, progress=False,
+                     include_torch_checkpoint=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert result.meta["grad_reference"] == "the float64 truth"
+    for r in result.rows:
+        assert r.grad_error < 1e-5, r.name
+
+
 def test_each_row_gets_its_own_measured_time(monkeypatch):
     """Which measurement lands in which row: the timed steps are stubbed with a distinct time per variant, in the
     order compare measures them, and every row's step time and ratio to standard must be that variant's."""

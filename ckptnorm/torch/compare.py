@@ -17,8 +17,8 @@ own deep copy of the model, so the caller's model is untouched) for:
    A model where no blocks are found, or whose checkpointed blocks do not run, gets no such row: ``meta["skipped"]``
    and the table say why.
  - with ``compile=True`` / ``compile_budgets``: ``torch.compile`` rows (``ckptnorm.torch.compiled``):
-   ``compile:original`` and ``compile:<strategy>`` (default settings), ``compile:budget=B`` (the model as given,
-   ``activation_memory_budget=B``).  Their compile time (first step minus median step) is a column of its own;
+   ``compile:original`` (default settings), ``compile:<strategy>`` (``COMPILE_OPTIONS``: the saving kept),
+   ``compile:budget=B`` (the model as given, ``activation_memory_budget=B``).  Their compile time (first step minus median step) is a column of its own;
    Dynamo's caches are reset before each such row and after the comparison.
 
 The loss of a step is ``ckptnorm.torch.zoo.training_loss``: summed over every output tensor (tuples, lists, dicts
@@ -35,8 +35,8 @@ its ratio to ``standard`` measured in the same run; the normwise relative error 
 float64 truth, the model as given run in float64 on the same inputs (``||g - g64|| / ||g64||``, all parameters as
 one vector; so ``original`` shows PyTorch's own float32 error beside ours).  A model that does not run in float64
 is compared with ``standard``'s gradient instead (``meta["grad_reference"]`` says which).  The step whose gradient is
-compared runs under ``torch.manual_seed(0)`` in every row and in the truth (the caller's RNG state is restored), so
-that dropout draws the same masks where PyTorch draws them the same way.
+compared runs under ``torch.manual_seed(0)`` in every row and in the truth, so that dropout draws the same masks
+where PyTorch draws them the same way; the caller's RNG state is left as it was.
 
 Steps, saved bytes and times come from ``harness`` (the same step ``plan`` and the benchmarks measure).
 """
@@ -179,7 +179,8 @@ class Comparison:
                        color="tab:orange" if r.compiled else "tab:blue")
             ax.annotate(r.name, (r.step_seconds * 1e3, r.saved_bytes / 2**20), textcoords="offset points",
                         xytext=(5, 5), fontsize=8)
-        front = sorted((r.step_seconds * 1e3, r.saved_bytes / 2**20) for r in self.rows if r.name in self.pareto())
+        frontier = set(self.pareto())
+        front = sorted((r.step_seconds * 1e3, r.saved_bytes / 2**20) for r in self.rows if r.name in frontier)
         ax.plot([t for t, _ in front], [b for _, b in front], color="gray", linestyle="--", linewidth=1,
                 label="frontier")
         ax.scatter([], [], marker="o", color="tab:blue", label="eager")
@@ -371,6 +372,22 @@ def _measure(model, runner, inputs, device, repeats, bar):
     return grads, first, counter.saved_bytes, peak, seconds
 
 
+def _measure_row(build, settings, inputs, device, repeats, bar):
+    """(saved bytes, peak, median seconds, gradients, note, compile seconds, settings) of one row: its model built,
+    compiled when ``settings`` say so (``compiled``'s rules), measured."""
+    from . import compiled
+    if settings:
+        compiled.prepare()
+    model, note = build()
+    model.train()
+    runner = torch.compile(model, options=settings.get("options")) if settings else model
+    with compiled.compile_settings(settings["budget"]) if settings else contextlib.nullcontext():
+        grads, first, saved, peak, seconds = _measure(model, runner, inputs, device, repeats, bar)
+        if settings:
+            note = f"{note}; {compiled.describe(settings['budget'], settings.get('options'))}"
+    return saved, peak, seconds, grads, note, first - seconds if settings else None, settings
+
+
 def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, repeats=5, progress=True,
             include_original=True, include_torch_checkpoint=True, compile=False, compile_budgets=(),
             model_name=None) -> Comparison:
@@ -435,40 +452,30 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
         variants.append((f"compile:budget={b:g}", lambda: (copy.deepcopy(model), as_given),
                          {"compile": True, "strategy": None, "budget": b}))
 
-    truth, why_not = _float64_gradient(model, inputs, device)
-    bar = _progress(len(variants) * (repeats + 3), progress)
-    rows, measured, skipped = [], {}, {}
-    try:
-        for name, build, settings in variants:
-            if bar is not None:
-                bar.set_postfix_str(f"{name} (compiling)" if settings else name)
-            if settings:
-                compiled.prepare()
-            context = compiled.compile_settings(settings["budget"]) if settings else contextlib.nullcontext()
-            try:
-                m, note = build()
-                m.train()
-                runner = torch.compile(m, options=settings.get("options")) if settings else m
-                with context:
-                    grads, first, saved, peak, seconds = _measure(m, runner, inputs, device, repeats, bar)
-                    if settings:
-                        note = f"{note}; {compiled.describe(settings['budget'], settings.get('options'))}"
-            except Exception as exc:  # noqa: BLE001 -- torch_checkpoint is a baseline, not ckptnorm: skipped
-                if name != "torch_checkpoint":
-                    raise
-                skipped[name] = (str(exc) if isinstance(exc, _Skip) else
-                                 f"the checkpointed blocks do not run ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''})")
+    # The caller's RNG state is left as it was (dropout in the steps draws from it).
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        truth, why_not = _float64_gradient(model, inputs, device)
+        bar = _progress(len(variants) * (repeats + 3), progress)
+        rows, measured, skipped = [], {}, {}
+        try:
+            for name, build, settings in variants:
                 if bar is not None:
-                    bar.update(repeats + 3)
-                continue
-            measured[name] = (saved, peak, seconds, grads, note, first - seconds if settings else None, settings)
-            del m, runner
-    finally:
-        if bar is not None:
-            bar.close()
-        if compile or budgets:
-            torch._dynamo.reset()  # the compiled rows' graphs are not kept alive after the comparison
+                    bar.set_postfix_str(f"{name} (compiling)" if settings else name)
+                try:
+                    measured[name] = _measure_row(build, settings, inputs, device, repeats, bar)
+                except Exception as exc:  # noqa: BLE001 -- torch_checkpoint is a baseline, not ckptnorm: skipped
+                    if name != "torch_checkpoint":
+                        raise
+                    skipped[name] = (str(exc) if isinstance(exc, _Skip) else
+                                     f"the checkpointed blocks do not run ({type(exc).__name__}: "
+                                     f"{str(exc).splitlines()[0] if str(exc) else ''})")
+                    if bar is not None:
+                        bar.update(repeats + 3)
+        finally:
+            if bar is not None:
+                bar.close()
+            if compile or budgets:
+                torch._dynamo.reset()  # the compiled rows' graphs are not kept alive after the comparison
     reference = truth if truth is not None else measured["standard"][3]
     std_saved, std_time = measured["standard"][0], measured["standard"][2]
     for name, (saved, peak, seconds, grads, note, compile_seconds, settings) in measured.items():
