@@ -111,8 +111,9 @@ def build_parser():
     cmp.add_argument("--repeats", type=_positive_int, default=None,
                      help="timed steps per row; the median is shown (default 5; 7 for --model block)")
     cmp.add_argument("--compile", action="store_true",
-                     help="also torch.compile rows: the model as given and each strategy's converted model, "
-                          "compiled with default settings (compile time in a column of its own)")
+                     help="also torch.compile rows: the model as given (default settings) and each strategy's "
+                          "converted model (with ckptnorm.torch.COMPILE_OPTIONS, which keep the saving); compile "
+                          "time in a column of its own")
     cmp.add_argument("--compile-budgets", nargs="+", type=_fraction, default=[], metavar="B",
                      help="also one row per budget: the model as given compiled with torch's "
                           "activation_memory_budget=B (0 < B <= 1; e.g. 1.0 0.5 0.2)")
