@@ -345,7 +345,7 @@ def _float64_gradient(model, inputs, device):
     return _param_grads(m64), None
 
 
-def _measure(model, runner, inputs, device, repeats, bar):
+def _measure(model, runner, inputs, device, repeats, bar, name):
     """One row's figures: (gradients of the first step, its seconds, saved bytes, peak, median step seconds).
     ``runner`` is what is called (``model``, or ``model`` compiled); the gradients are read from ``model``."""
     global _active_counter
@@ -356,6 +356,8 @@ def _measure(model, runner, inputs, device, repeats, bar):
     start = time.perf_counter()
     _seeded_step(runner, inputs, device)  # warm-up (kernel compilation, allocator); its gradients are compared
     first = time.perf_counter() - start
+    if bar is not None:
+        bar.set_postfix_str(name)  # compiled, if it was
     grads = _param_grads(model)
     advance()
     counter = SavedTensorsCounter(exclude=[model, *[t for t in inputs if isinstance(t, torch.Tensor)]])
@@ -372,7 +374,7 @@ def _measure(model, runner, inputs, device, repeats, bar):
     return grads, first, counter.saved_bytes, peak, seconds
 
 
-def _measure_row(build, settings, inputs, device, repeats, bar):
+def _measure_row(name, build, settings, inputs, device, repeats, bar):
     """(saved bytes, peak, median seconds, gradients, note, compile seconds, settings) of one row: its model built,
     compiled when ``settings`` say so (``compiled``'s rules), measured."""
     from . import compiled
@@ -382,7 +384,7 @@ def _measure_row(build, settings, inputs, device, repeats, bar):
     model.train()
     runner = torch.compile(model, options=settings.get("options")) if settings else model
     with compiled.compile_settings(settings["budget"]) if settings else contextlib.nullcontext():
-        grads, first, saved, peak, seconds = _measure(model, runner, inputs, device, repeats, bar)
+        grads, first, saved, peak, seconds = _measure(model, runner, inputs, device, repeats, bar, name)
         if settings:
             note = f"{note}; {compiled.describe(settings['budget'], settings.get('options'))}"
     return saved, peak, seconds, grads, note, first - seconds if settings else None, settings
@@ -462,7 +464,7 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
                 if bar is not None:
                     bar.set_postfix_str(f"{name} (compiling)" if settings else name)
                 try:
-                    measured[name] = _measure_row(build, settings, inputs, device, repeats, bar)
+                    measured[name] = _measure_row(name, build, settings, inputs, device, repeats, bar)
                 except Exception as exc:  # noqa: BLE001 -- torch_checkpoint is a baseline, not ckptnorm: skipped
                     if name != "torch_checkpoint":
                         raise

@@ -6,7 +6,7 @@ partition; lower: a knapsack that recomputes more to save less) trades further. 
 compile_budgets=...)`` puts those rows beside ckptnorm's, and the ckptnorm strategies compiled too.
 
 A converted model is compiled with ``COMPILE_OPTIONS`` (``torch.compile(model, options=COMPILE_OPTIONS)``, per
-call: Inductor's global configuration is not touched).  They turn off Inductor's layout optimization, which converts
+call: Inductor's global configuration is not touched), which turns off Inductor's layout optimization: it converts
 each convolution's input to channels_last and keeps that copy for backward: beside ckptnorm's layers, which Dynamo
 leaves to eager, that copy is the tensor ckptnorm did not keep, and the saving is lost (preact_resnet, 8x3x64x64, CPU:
 32.5 MiB kept with it, 16.0 MiB without, the eager figure; step time within noise, README).
