@@ -145,19 +145,13 @@ def _step(data, dtype, device, layout, training, residual, layer):
     return {name: t.detach().to("cpu", torch.float64) for name, t in out.items()}
 
 
-def _error(got, truth):
-    scale = float(truth.abs().max())
-    err = float((got - truth).abs().max())
-    return err / scale if scale > 0 else err
-
-
 def check_case(strategy, act, param, layout, dtype_name, training, residual, shape, device, seed):
     """One case: ckptnorm and PyTorch's native op at ``dtype``, each against the float64 truth."""
     import torch
     import torch.nn.functional as F
 
     from ckptnorm.torch import batch_norm_act
-    from ckptnorm.torch.equivalence import error_bound
+    from ckptnorm.torch.equivalence import error_bound, max_relative_error
     dtype = getattr(torch, dtype_name)
 
     def native(x, rm, rv, w, b, r):
@@ -173,7 +167,7 @@ def check_case(strategy, act, param, layout, dtype_name, training, residual, sha
     mine = _step(data, dtype, device, layout, training, residual, ours)
     results = {}
     for name, t in truth.items():
-        err, native_err = _error(mine[name], t), _error(theirs[name], t)
+        err, native_err = max_relative_error(mine[name], t), max_relative_error(theirs[name], t)
         results[name] = {"error": err, "native_error": native_err, "bound": error_bound(native_err, dtype)}
     return results
 
@@ -345,6 +339,7 @@ def run_cuda_graph(mode):
     import torch
 
     from ckptnorm.torch import convert
+    from ckptnorm.torch.equivalence import normwise_error
     from ckptnorm.torch.harness import training_step
     from ckptnorm.torch.models import get_model
 
@@ -370,7 +365,7 @@ def run_cuda_graph(mode):
             graph.replay()
             torch.cuda.synchronize()
             replayed = torch.cat([p.grad.reshape(-1) for p in params])
-            error = float((replayed - eager).norm() / eager.norm())
+            error = normwise_error([replayed], [eager])
             rows.append({"strategy": strategy, "captured": True, "grad_error": error,
                          "ok": error <= GRAPH_GRAD_TOLERANCE})
         except Exception as exc:  # the finding itself: which strategy cannot be captured, and why

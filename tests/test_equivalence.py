@@ -274,3 +274,14 @@ def test_fp32_error_ratios_table(capsys):
         print("\nfp32 error ratio ckptnorm/PyTorch vs float64 truth (16x32x24x24, leaky_relu, training):")
         for strategy, ratios in rows:
             print(f"  {strategy:22s} " + "  ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+
+
+def test_error_measures_and_a_nan_never_passes():
+    from ckptnorm.torch.equivalence import max_relative_error, normwise_error
+    truth = torch.tensor([1.0, -4.0, 2.0], dtype=torch.float64)
+    assert max_relative_error(truth + torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64), truth) == 0.125
+    assert max_relative_error(torch.tensor([0.25]), torch.tensor([0.0])) == 0.25  # absolute where the truth is 0
+    assert normwise_error([torch.tensor([3.0]), torch.tensor([4.0])], [torch.zeros(1), torch.zeros(1)]) == 5.0
+    assert normwise_error([truth * 1.5], [truth]) == pytest.approx(0.5)
+    nan = torch.tensor([float("nan"), 1.0])
+    assert max_relative_error(nan, torch.ones(2)) == normwise_error([nan], [torch.ones(2)]) == float("inf")

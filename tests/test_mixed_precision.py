@@ -17,7 +17,7 @@ from torch import nn
 
 from ckptnorm import PrecisionFallbackWarning
 from ckptnorm.torch import BatchNormAct2d, SavedTensorsCounter, batch_norm_act, convert, use_backend
-from ckptnorm.torch.equivalence import NATIVE_ERROR_BOUNDS, error_bound
+from ckptnorm.torch.equivalence import NATIVE_ERROR_BOUNDS, error_bound, max_relative_error
 
 HALF = [torch.float16, torch.bfloat16]
 UNIT_ROUNDOFF = {dtype: NATIVE_ERROR_BOUNDS[dtype][1] for dtype in HALF}
@@ -46,11 +46,6 @@ def _step(strategy, act, param, x, dz, w, b, training=True):
     return z.detach(), xi.grad, wi.grad, bi.grad, rm, rv
 
 
-def _error(got, truth):
-    got, truth = got.detach().double(), truth.detach().double()
-    return float((got - truth).abs().max() / truth.abs().max().clamp_min(1e-300))
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("act,param", [("leaky_relu", 0.01), ("silu", None), ("identity", None)])
 @pytest.mark.parametrize("strategy", STRATEGIES[1:])
@@ -69,8 +64,8 @@ def test_error_within_1_5x_native(dtype, strategy, act, param, channels_last):
     assert ours[0].is_contiguous(memory_format=torch.channels_last) == channels_last
     assert ours[1].is_contiguous(memory_format=torch.channels_last) == channels_last
     for name, o, n, t in zip(("z", "dx", "dweight", "dbias", "running_mean", "running_var"), ours, native, truth):
-        assert _error(o, t) <= error_bound(_error(n, t), dtype), \
-            f"{name}: ckptnorm error {_error(o, t):.3g} vs native {_error(n, t):.3g}"
+        assert max_relative_error(o, t) <= error_bound(max_relative_error(n, t), dtype), \
+            f"{name}: ckptnorm error {max_relative_error(o, t):.3g} vs native {max_relative_error(n, t):.3g}"
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
@@ -81,12 +76,12 @@ def test_eval_mode_and_residual(dtype):
         z = batch_norm_act(x, torch.zeros(6), torch.ones(6), w, b, False, 0.1, 1e-5, "leaky_relu", 0.01, strategy)
         want = F.leaky_relu(F.batch_norm(x.double(), torch.zeros(6).double(), torch.ones(6).double(), w.double(),
                                          b.double(), False), 0.01)
-        assert z.dtype == dtype and _error(z, want) <= 2 * UNIT_ROUNDOFF[dtype]
+        assert z.dtype == dtype and max_relative_error(z, want) <= 2 * UNIT_ROUNDOFF[dtype]
         ri = r.clone().requires_grad_()
         z = batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5, "leaky_relu", 0.01, strategy, residual=ri)
         z.backward(dz)
         want = F.leaky_relu(F.batch_norm(x.double(), None, None, w.double(), b.double(), True) + r.double(), 0.01)
-        assert _error(z, want) <= 2 * UNIT_ROUNDOFF[dtype] and ri.grad.dtype == dtype
+        assert max_relative_error(z, want) <= 2 * UNIT_ROUNDOFF[dtype] and ri.grad.dtype == dtype
 
 
 class _Net(nn.Module):
@@ -129,7 +124,7 @@ def test_cpu_autocast_bfloat16_keeps_the_saving(strategy):
             continue  # a bias right before a BN has a zero gradient in exact arithmetic: only rounding is left
         # the brief's rule: no worse than twice PyTorch's own error in the same precision (bf16 rounds to 2^-9)
         want = truth.get_parameter(n).grad
-        assert _error(grads[strategy][n], want) <= 2 * max(_error(g, want), 2.0 ** -9), n
+        assert max_relative_error(grads[strategy][n], want) <= 2 * max(max_relative_error(g, want), 2.0 ** -9), n
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])

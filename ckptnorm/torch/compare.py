@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ._recompute import SavedTensorsCounter
+from .equivalence import normwise_error
 from .harness import as_inputs, median_times, release_free_memory, rss, training_step
 
 
@@ -301,10 +302,7 @@ def _grad_error(grads, reference):
     if any(n not in grads for n in reference):
         return float("inf")
     names = sorted(reference)
-    got = torch.cat([grads[n].double().reshape(-1) for n in names]) if names else torch.zeros(0)
-    ref = torch.cat([reference[n].double().reshape(-1) for n in names]) if names else torch.zeros(0)
-    diff, scale = float((got - ref).norm()), float(ref.norm())
-    return diff / scale if scale > 0 else diff
+    return normwise_error([grads[n] for n in names], [reference[n] for n in names])
 
 
 def _note(report):

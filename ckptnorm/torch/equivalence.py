@@ -38,7 +38,8 @@ import torch
 
 from .zoo import flatten_outputs, training_loss
 
-__all__ = ["Equivalence", "NATIVE_ERROR_BOUNDS", "Trace", "check_equivalence", "error_bound", "trace"]
+__all__ = ["Equivalence", "NATIVE_ERROR_BOUNDS", "Trace", "check_equivalence", "error_bound", "max_relative_error",
+           "normwise_error", "trace"]
 
 _STAT_SUFFIXES = ("running_mean", "running_var")
 
@@ -54,10 +55,24 @@ NATIVE_ERROR_BOUNDS = {
 
 
 def error_bound(native_error, dtype) -> float:
-    """The largest error (normwise, against a float64 truth) a ckptnorm result at ``dtype`` may have, given PyTorch's
-    native error on the same inputs; see ``NATIVE_ERROR_BOUNDS``."""
+    """The largest error (``max_relative_error`` against a float64 truth) a ckptnorm result at ``dtype`` may have,
+    given PyTorch's native error on the same inputs; see ``NATIVE_ERROR_BOUNDS``."""
     factor, floor = NATIVE_ERROR_BOUNDS[dtype]
     return factor * max(native_error, floor)
+
+
+def max_relative_error(got, truth) -> float:
+    """``max|got - truth| / max|truth|`` in float64 (the absolute error where truth is 0; inf for a NaN)."""
+    got, truth = got.detach().double().cpu(), truth.detach().double().cpu()
+    err = float((got - truth).abs().max()) if truth.numel() else 0.0
+    scale = float(truth.abs().max()) if truth.numel() else 0.0
+    err = err / scale if scale > 0 else err
+    return math.inf if math.isnan(err) else err
+
+
+def normwise_error(got, truth) -> float:
+    """``||got - truth|| / ||truth||`` over sequences of tensors taken as one float64 vector (inf for a NaN)."""
+    return _rel(_flat(got), _flat(truth))
 
 
 @dataclass(frozen=True)
