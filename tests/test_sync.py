@@ -20,6 +20,7 @@ from torch import nn
 
 from ckptnorm import STRATEGY_NAMES, PrecisionFallbackWarning
 from ckptnorm.torch import (
+    BatchNormAct1d,
     BatchNormAct2d,
     SyncBatchNormAct1d,
     SyncBatchNormAct2d,
@@ -124,6 +125,22 @@ def _reference(case, x, r, g):
             "dw": weight.grad, "db": bias.grad, "z_eval": z_eval}
 
 
+def _compile_kernels(cases):
+    """Run ``cases`` here, unsynchronized, in training and eval mode: this compiles the kernels that the ranks use into
+    Numba's disk cache, where the ranks find them.  Otherwise, on a cold cache, every rank compiles all of them at
+    once on shared cores, which takes longer than the ranks' deadline (over 90 s seen on 2 cores)."""
+    for strategy, act, param, layout, residual, dims in cases:
+        x, r, g = _batch((strategy, act, param, layout, residual, dims), 4)
+        cls = BatchNormAct2d if dims == 4 else BatchNormAct1d
+        layer = cls(CHANNELS, strategy=strategy, activation=act, activation_param=param, dtype=torch.float64)
+        x.requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PrecisionFallbackWarning)
+            _loss(layer(x, r) if residual else layer(x), g).backward()
+            with torch.no_grad():
+                layer.eval()(x, r) if residual else layer.eval()(x)
+
+
 def _equivalence_rank(rank, world, store, device="cpu", backend="gloo"):
     _init(rank, world, store, 30, backend)
     for case in CASES:
@@ -187,6 +204,7 @@ def _check_case(case, rank, sizes, device, group=None):
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_strategy_matches_single_process_batchnorm(world, tmp_path):
+    _compile_kernels(CASES)
     _run_ranks(_equivalence_rank, world, tmp_path)
 
 
@@ -225,6 +243,8 @@ def test_group_of_one_and_sync_3d_layer(tmp_path):
 
 # -- DDP ------------------------------------------------------------------------------------------------------------
 DDP_SIZES = (3, 5)
+# "11" (the BatchNorm1d) stays a plain BN site and is synchronized as such
+DDP_PLAN = {"1": "inplace_abn", "4": "checkpoint", "7": "efficient_checkpoint", "11": None}
 
 
 def _net():
@@ -252,9 +272,8 @@ def _ddp_rank(rank, world, store):
     opt = torch.optim.SGD(ref.parameters(), lr=0.5)
     F.cross_entropy(ref(x), target, reduction="sum").div(total).backward()
     opt.step()
-    # the same step split over the ranks; "11" (the BatchNorm1d) stays a plain BN site and is synchronized as such
-    model = convert(_net(), {"1": "inplace_abn", "4": "checkpoint", "7": "efficient_checkpoint", "11": None},
-                    sync=True)
+    # the same step split over the ranks
+    model = convert(_net(), DDP_PLAN, sync=True)
     assert isinstance(model.get_submodule("11"), SyncBatchNormAct1d)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
@@ -273,6 +292,9 @@ def _ddp_rank(rank, world, store):
 @pytest.mark.serial  # spawns a process group
 @pytest.mark.timeout(120)
 def test_ddp_training_step_matches_single_process(tmp_path):
+    # the same step in this process first, unsynchronized: see _compile_kernels
+    x, target = _ddp_batch()
+    F.cross_entropy(convert(_net(), DDP_PLAN)(x), target).backward()
     _run_ranks(_ddp_rank, 2, tmp_path)
 
 
