@@ -4,7 +4,7 @@ of the backend's kind (NumPy, or a framework's device arrays: arithmetic operato
 """
 from __future__ import annotations
 
-import numpy as np
+import math
 
 
 def channel_count(shape, layout) -> int:
@@ -12,7 +12,7 @@ def channel_count(shape, layout) -> int:
 
 
 def elements_per_channel(shape, layout) -> int:
-    return int(np.prod(shape)) // channel_count(shape, layout)
+    return math.prod(shape) // channel_count(shape, layout)
 
 
 def batch_statistics(backend, x, layout, eps, with_range=False):

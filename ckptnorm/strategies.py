@@ -301,11 +301,12 @@ class InplaceABN(Strategy):
                 residual_range = backend.channel_stats(residual, layout, with_range=True)[2:]
             rmin, rmax = (host(v) for v in residual_range)
             rabs = np.maximum(np.abs(rmin), np.abs(rmax))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = (np.abs(beta) + rabs) / np.abs(gamma)
-        bad = ~(np.abs(gamma) > 0) | ~np.isfinite(gamma) | ~(ratio + 1.0 <= budget)
-        if bad.any():
-            c = int(np.flatnonzero(bad)[0])
+        # Per channel: 0 < |gamma| < inf and (|beta| + max|r|) / |gamma| + 1 <= budget, multiplied out (no division,
+        # so no zero or NaN warnings to silence: this runs on every forward).  A NaN fails every comparison.
+        abs_gamma = np.abs(gamma)
+        ok = (abs_gamma > 0) & (abs_gamma < np.inf) & (np.abs(beta) + rabs <= (budget - 1.0) * abs_gamma)
+        if not ok.all():
+            c = int(np.flatnonzero(~ok)[0])
             what = f"beta={beta[c]:.3g}" + ("" if residual is None else f", max|residual|={np.ravel(rabs)[c]:.3g}")
             return (f"channel {c} has gamma={gamma[c]:.3g}, {what}; dgamma = S / gamma would lose more "
                     f"than {self.MAX_LOST_BITS} bits")

@@ -16,14 +16,29 @@ import numpy as np
 from .base import LAYOUTS, Backend
 
 
+# (table, layout) -> kernels, filled on first use: the kernel modules are imported then, so that ``import ckptnorm``
+# stays cheap and does not load Numba's compiler; afterwards a call costs one dict lookup, not an import statement.
+_LOADED = {}
+
+
+def _table(name, layout):
+    """``name``: "linear" (branch-free kernels of the piecewise-linear activations), "tiled" (every other
+    activation) or "stats" (per-channel statistics)."""
+    found = _LOADED.get((name, layout))
+    if found is None:
+        if name == "linear":
+            from .cpu_kernels_linear import KERNELS as tables
+        else:
+            from .cpu_kernels import KERNELS, STATS
+            tables = STATS if name == "stats" else KERNELS
+        found = _LOADED[name, layout] = tables[_checked(layout)]
+    return found
+
+
 def _kernels(act, layout):
     """The kernels for ``act`` and ``layout``: branch-free ones for piecewise-linear activations, tiled ones
-    otherwise.  Imported on first use so that ``import ckptnorm`` stays cheap and does not load Numba's compiler."""
-    if act.linear_slope is not None:
-        from .cpu_kernels_linear import KERNELS
-    else:
-        from .cpu_kernels import KERNELS
-    return KERNELS[_checked(layout)]
+    otherwise."""
+    return _table("tiled" if act.linear_slope is None else "linear", layout)
 
 
 def _checked(layout):
@@ -49,9 +64,8 @@ class CPUBackend(Backend):
 
     def channel_stats(self, x, layout, with_range=False):
         channels = x.shape[1] if layout == "ncs" else x.shape[2]
-        mean, var, xmin, xmax = (np.empty(channels) for _ in range(4))
-        from .cpu_kernels import STATS
-        STATS[_checked(layout)](x, mean, var, xmin, xmax, with_range)
+        mean, var, xmin, xmax = np.empty((4, channels))  # one allocation; each row is a contiguous array
+        _table("stats", layout)(x, mean, var, xmin, xmax, with_range)
         return (mean, var, xmin, xmax) if with_range else (mean, var, None, None)
 
     def normalize_act(self, x, out, layout, mean, scale, beta, act, residual=None):

@@ -33,11 +33,11 @@ class _Config:
     __slots__ = ("strategy", "act", "training", "momentum", "eps", "inplace", "update_stats", "reducer", "module",
                  "recipe", "for_backward")
 
-    def __init__(self, **kw):
-        self.module = None  # a module_call.ModuleCall when the activation is a module (act is then identity)
+    def __init__(self, strategy, act, training, momentum, eps, inplace, update_stats, reducer, module, for_backward):
+        self.strategy, self.act, self.training, self.momentum, self.eps = strategy, act, training, momentum, eps
+        self.inplace, self.update_stats, self.reducer, self.for_backward = inplace, update_stats, reducer, for_backward
+        self.module = module  # a module_call.ModuleCall when the activation is a module (act is then identity)
         self.recipe = None  # set by forward when the strategy declares one (decision.recipe), taken by the caller
-        for k, v in kw.items():
-            setattr(self, k, v)
 
 
 class BatchNormActFunction(torch.autograd.Function):
@@ -61,9 +61,8 @@ class BatchNormActFunction(torch.autograd.Function):
         if cfg.training and cfg.update_stats and running_mean is not None:
             new_mean, new_var = updated_running_stats(*running, decision.mean, decision.var, decision.count,
                                                       cfg.momentum)
-            with torch.no_grad():
-                running_mean.copy_(_arrays.channel_tensor(new_mean))
-                running_var.copy_(_arrays.channel_tensor(new_var))
+            running_mean.copy_(_arrays.channel_tensor(new_mean))  # no graph: a Function's forward runs without grad
+            running_var.copy_(_arrays.channel_tensor(new_var))
         # inplace_abn falling back to keeping x while writing z over it: keep a copy of x (invariant 3).
         x_kept = x.clone() if (cfg.inplace and "x" in decision.keep) else x
         out = x if cfg.inplace else torch.empty_like(x)
@@ -108,8 +107,8 @@ class BatchNormActFunction(torch.autograd.Function):
             layout, ctx.gamma, ctx.beta, cfg.act, cfg.training, cfg.eps, count,
             None if dres is None else _arrays.activation_view(dres, layout), reducer=cfg.reducer)
         w_dtype, b_dtype = ctx.param_dtypes
-        grad_w = _arrays.channel_tensor(dgamma).to(w_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = _arrays.channel_tensor(dbeta).to(b_dtype) if ctx.needs_input_grad[2] else None
+        grad_w = _arrays.channel_grad(dgamma, w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = _arrays.channel_grad(dbeta, b_dtype) if ctx.needs_input_grad[2] else None
         return (dx if ctx.needs_input_grad[0] else None), grad_w, grad_b, None, None, dres, None
 
 
@@ -291,7 +290,6 @@ def _backward_can_run(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-@torch.compiler.disable
 def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
                    activation="identity", activation_param=None, strategy="efficient_checkpoint", inplace=False,
                    residual=None, reducer=None):
@@ -309,6 +307,12 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     torch.distributed) makes a training call synchronized BN: statistics and backward sums over every process's
     batch (which may be empty on some); ignored in eval mode.  The ``SyncBatchNormAct*d`` modules pass it.
     """
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the kernels' host code (NumPy views, Numba): the call runs eagerly, a graph break.
+        # Decided here rather than by decorating this function, because torch.compiler.disable's wrapper costs
+        # every eager call some 25 us (a sixth of a small layer's forward).
+        return _batch_norm_act_eagerly(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                       activation, activation_param, strategy, inplace, residual, reducer)
     strat = get_strategy(strategy)
     fn = activation_module(activation, activation_param, strat)
     act = _IDENTITY if fn is not None else get_activation(activation, activation_param)
@@ -358,3 +362,6 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     if recipe is not None and z.requires_grad and x.numel():
         _recompute.HOOKS.register(z, recipe)
     return z
+
+
+_batch_norm_act_eagerly = torch.compiler.disable(batch_norm_act)
