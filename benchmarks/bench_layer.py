@@ -6,8 +6,9 @@ import torch
 
 from ckptnorm.torch import BatchNormAct2d, SavedTensorsCounter
 
-from .common import (DTYPES, LAYER_SHAPES, LAYOUTS, SHAPES, STRATEGIES, VARIANTS, activation_inputs, forward_backward,
-                     layer_inputs, layer_saved_bytes, make_layer, parse_shape, warm_layer)
+from .common import (DTYPES, LAYER_SHAPES, LAYOUTS, NATIVE, PER_CALL_SHAPES, QUICK, SHAPES, STRATEGIES, VARIANTS,
+                     activation_inputs, forward_backward, interleaved_medians, layer_inputs, layer_saved_bytes,
+                     make_layer, parse_shape, warm_layer)
 
 
 class LayerForwardBackward:
@@ -69,3 +70,30 @@ class BatchNormAct2dLayer:
         return layer_saved_bytes(self.layer, self.x)
 
     track_saved_bytes.unit = "bytes"
+
+
+class PerCallCost:
+    """Small BN + LeakyReLU layers (``PER_CALL_SHAPES``, float32, NCHW), where the host work of a call rather than its
+    memory traffic sets the time: forward+backward of each variant, and its time as a ratio to PyTorch's native
+    layer, both measured in turn in the same process (medians), so that the ratio does not drift with the machine."""
+
+    params = [VARIANTS, PER_CALL_SHAPES]
+    param_names = ["strategy", "shape"]
+    repeats = 20 if QUICK else 400
+
+    def setup(self, strategy, shape):
+        warm_layer(strategy, "float32", "NCHW")
+        self.x, self.dz = activation_inputs(shape)
+        channels = parse_shape(shape)[1]
+        self.layer, self.native = make_layer(strategy, channels), make_layer(NATIVE, channels)
+
+    def time_forward_backward(self, strategy, shape):
+        forward_backward(self.layer, self.x, self.dz)
+
+    def track_time_to_native(self, strategy, shape):
+        seconds = interleaved_medians({"layer": lambda: forward_backward(self.layer, self.x, self.dz),
+                                       "native": lambda: forward_backward(self.native, self.x, self.dz)},
+                                      self.repeats)
+        return seconds["layer"] / seconds["native"]
+
+    track_time_to_native.unit = "ratio"

@@ -1,5 +1,7 @@
 """Shapes and helpers shared by the benchmarks (append-only: benchmark names and parameters must stay stable)."""
 import os
+import statistics
+import time
 
 import torch
 
@@ -32,6 +34,10 @@ LAYOUTS = ["NCHW", "channels_last"]
 NATIVE = "native"  # PyTorch's BatchNorm2d + in-place LeakyReLU(0.01): the baseline the ratios are read against
 VARIANTS = [NATIVE] + STRATEGIES
 MODEL_INPUT = "2x3x32x32" if QUICK else "8x3x64x64"  # input of the built-in model (`ckptnorm compare`'s default)
+# Layers small enough that host work (Python, views, kernel dispatch, autograd), not memory traffic, sets the time.
+PER_CALL_SHAPES = ["2x16x8x8"] if QUICK else ["2x16x8x8", "8x64x32x32"]
+PER_CALL_TARGET = 1.25  # fwd+bwd time / native's, at the smallest shape (issue 14)
+MODEL_STEP_TARGET = 1.03  # training step of the default model / standard's (issue 14)
 SLOPE = 0.01  # leaky_relu slope everywhere
 
 
@@ -109,3 +115,18 @@ KERNEL_PASSES = {
 }
 COPY_PASSES = 2
 FORWARD_BACKWARD_PASSES = 8
+
+
+def interleaved_medians(calls: dict, repeats: int) -> dict:
+    """name -> median seconds of ``calls[name]()``; one warm-up each, then every call once per repeat, in turn,
+    starting at a different call each repeat, so that machine noise spreads evenly over the calls."""
+    names = list(calls)
+    for name in names:
+        calls[name]()
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -32,7 +32,8 @@ def test_every_benchmark_class_is_tested_here():
              for name, cls in inspect.getmembers(module, inspect.isclass)
              if cls.__module__ == module.__name__ and _benchmark_methods(cls)}
     assert found == {"bench_layer.LayerForwardBackward", "bench_layer.BatchNormAct2dLayer", "bench_kernels.CpuKernel",
-                     "bench_model.ModelTrainStep", "bench_cuda.CudaKernelBandwidth", "bench_cuda.CudaLayerVsNative"}
+                     "bench_model.ModelTrainStep", "bench_cuda.CudaKernelBandwidth", "bench_cuda.CudaLayerVsNative",
+                     "bench_layer.PerCallCost", "bench_model.ModelStepRatio"}
 
 
 def test_shapes_include_the_issue_targets_and_quick_mode_is_small():
@@ -63,6 +64,15 @@ def test_layer_grid_benchmark_runs(variant, dtype, layout):
     assert (results["track_saved_bytes"] >= 2 * buffer_bytes) == (variant in ("native", "standard"))
 
 
+@pytest.mark.parametrize("variant", common.VARIANTS)
+def test_per_call_benchmark_runs(variant):
+    bench = bench_layer.PerCallCost()
+    bench.repeats = 3
+    results = _run_all(bench, variant, TINY)
+    assert set(results) == {"time_forward_backward", "track_time_to_native"}
+    assert 0 < results["track_time_to_native"] < float("inf")
+
+
 @pytest.mark.parametrize("layout", ["ncs", "nsc"])
 @pytest.mark.parametrize("kernel", bench_kernels.KERNEL_NAMES)
 def test_cpu_kernel_benchmark_runs(kernel, layout):
@@ -76,6 +86,14 @@ def test_model_benchmark_runs():
     assert saved["original"] > saved["standard"] > max(saved[s] for s in common.STRATEGIES if s != "standard")
 
 
+def test_model_step_ratio_benchmark_runs():
+    bench = bench_model.ModelStepRatio()
+    assert "standard" not in bench.params[0]
+    bench.repeats = 1
+    results = _run_all(bench, "inplace_abn", "2x3x8x8")
+    assert 0 < results["track_step_to_standard"] < float("inf")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
 def test_cuda_benchmarks_skip_without_gpu():
     with pytest.raises(NotImplementedError):
@@ -87,15 +105,17 @@ def test_cuda_benchmarks_skip_without_gpu():
 @pytest.mark.slow  # the whole report; the quick tier has the benchmark classes
 def test_report_runs_and_writes_json(tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert report.main(["--shapes", TINY, "--repeats", "1", "--model-input", "2x3x8x8", "--json", str(out)]) == 0
+    assert report.main(["--shapes", TINY, "--repeats", "1", "--model-input", "2x3x8x8", "--per-call-shapes", TINY,
+                        "--per-call-repeats", "2", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "targets (issue 5):" in text and "channels_last" in text
+    assert "targets (issue 5" in text and "channels_last" in text and "per-call cost" in text
     data = json.loads(out.read_text())
     assert [(m["shape"], m["layout"]) for m in data["layers"]] == [(TINY, "NCHW"), (TINY, "channels_last")]
     assert [r["variant"] for r in data["layers"][0]["rows"]] == ["native"] + common.STRATEGIES
     assert [r["strategy"] for r in data["model"]["rows"]] == common.STRATEGIES
+    assert [(m["shape"], m["layout"]) for m in data["per_call"]] == [(TINY, "NCHW")]
     assert data["first_call_seconds"] > 0
-    assert all(set(t) == {"target", "met", "value"} for t in data["targets"]) and len(data["targets"]) == 10
+    assert all(set(t) == {"target", "met", "value"} for t in data["targets"]) and len(data["targets"]) == 13
 
 
 # -- the GPU check (benchmarks/gpu_check.py; CI runs it whole with --simulate) ------------------------------------------
