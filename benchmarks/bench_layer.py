@@ -1,7 +1,8 @@
 """One BN + LeakyReLU layer: forward and forward+backward time, bytes kept for backward, peak host memory.
 
 ``LayerForwardBackward`` (float32, NCHW, ckptnorm strategies only) is the original benchmark, kept for its history;
-``BatchNormAct2dLayer`` adds dtype, layout and PyTorch's native layer as a baseline."""
+``BatchNormAct2dLayer`` adds dtype, layout and PyTorch's native layer as a baseline; ``PerCallCost`` times small
+layers, where host work sets the time, as a ratio to the native layer."""
 import torch
 
 from ckptnorm.torch import BatchNormAct2d, SavedTensorsCounter
