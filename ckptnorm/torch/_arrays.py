@@ -67,47 +67,44 @@ def _merged_stride(sizes, strides):
     return kept[-1][1] if kept else 0
 
 
-def _shape3(t: torch.Tensor, layout: str):
-    """(memory-order tensor, 3-D shape, 3-D strides in elements), or None if the dims do not merge."""
-    tp = _to_memory_order(t.detach(), layout)
-    sizes, strides = tuple(tp.shape), tp.stride()
-    if t.dim() == 2:  # (N, C): one "spatial" position per sample
-        return tp, (sizes[0], 1, sizes[1]), (strides[0], 0, strides[1])
+def _shape3(sizes, layout: str) -> tuple:
+    """The 3-D shape of a memory-order tensor of ``sizes``: (N, C, S) for "ncs", (N, S, C) for "nsc"."""
+    if len(sizes) == 2:  # (N, C): one "spatial" position per sample
+        return sizes[0], 1, sizes[1]
+    if layout == "ncs":
+        return sizes[0], sizes[1], math.prod(sizes[2:])
+    return sizes[0], math.prod(sizes[1:-1]), sizes[-1]
+
+
+def _strides3(sizes, strides, layout: str):
+    """The 3-D strides (in elements) matching ``_shape3``, or None if the spatial dims do not merge."""
+    if len(sizes) == 2:
+        return strides[0], 0, strides[1]
     if layout == "ncs":
         merged = _merged_stride(sizes[2:], strides[2:])
-        shape3, strides3 = (sizes[0], sizes[1], math.prod(sizes[2:])), (strides[0], strides[1], merged)
-    else:
-        merged = _merged_stride(sizes[1:-1], strides[1:-1])
-        shape3, strides3 = (sizes[0], math.prod(sizes[1:-1]), sizes[-1]), (strides[0], merged, strides[-1])
-    return None if merged is None else (tp, shape3, strides3)
+        return None if merged is None else (strides[0], strides[1], merged)
+    merged = _merged_stride(sizes[1:-1], strides[1:-1])
+    return None if merged is None else (strides[0], merged, strides[-1])
 
 
-def _host_array(tp: torch.Tensor):
-    """NumPy view of a CPU tensor; 16-bit floats as the integer view of their bits."""
-    if tp.dtype in _BIT_VIEWS:
-        tp = tp.view(_BIT_VIEWS[tp.dtype])  # same bits, same strides
-    return tp.numpy()
+def _bit_view(tp: torch.Tensor) -> torch.Tensor:
+    """16-bit floats as the integer view of their bits (same strides); other dtypes as they are."""
+    return tp.view(_BIT_VIEWS[tp.dtype]) if tp.dtype in _BIT_VIEWS else tp
 
 
 def _view3(t: torch.Tensor, layout: str):
-    if t.device.type == "cpu" and t.dim() > 2:
-        tp = _to_memory_order(t.detach(), layout)
-        if tp.is_contiguous():  # x, z, dx and most gradients: a plain reshape, no stride arithmetic (per-call cost)
-            sizes = tp.shape
-            if layout == "ncs":
-                return _host_array(tp).reshape(sizes[0], sizes[1], math.prod(sizes[2:]))
-            return _host_array(tp).reshape(sizes[0], math.prod(sizes[1:-1]), sizes[-1])
-    found = _shape3(t, layout)
-    if found is None:
+    tp = _bit_view(_to_memory_order(t.detach(), layout))
+    sizes = tuple(tp.shape)
+    if t.device.type == "cpu" and tp.is_contiguous():
+        # x, z, dx and most gradients: one reshape, no stride arithmetic (this runs several times per call)
+        return tp.numpy().reshape(_shape3(sizes, layout))
+    strides3 = _strides3(sizes, tp.stride(), layout)
+    if strides3 is None:
         return None
-    tp, shape3, strides3 = found
+    shape3 = _shape3(sizes, layout)
     if t.device.type == "cpu":
-        array = _host_array(tp)
-        if tp.is_contiguous():
-            return array.reshape(shape3)
+        array = tp.numpy()
         return as_strided(array, shape3, tuple(s * array.itemsize for s in strides3))
-    if tp.dtype in _BIT_VIEWS:
-        tp = tp.view(_BIT_VIEWS[tp.dtype])
     if t.device.type == "cuda":
         from numba import cuda
         return cuda.as_cuda_array(torch.as_strided(tp, shape3, strides3, tp.storage_offset()), sync=False)
@@ -151,7 +148,7 @@ def channel_tensor(values) -> torch.Tensor:
 
 
 # Parameter dtypes whose gradient NumPy rounds from float64 exactly as PyTorch does (to nearest even, once).
-_NUMPY_GRAD_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_NUMPY_GRAD_DTYPES = {t: d for d, t in _TORCH_DTYPES.items() if t.is_floating_point}
 
 
 def channel_grad(values, dtype: torch.dtype) -> torch.Tensor:
