@@ -292,8 +292,9 @@ class InplaceABN(Strategy):
         this is one small synchronizing copy per forward, the price of never returning a wrong gradient.
         ``residual_range``: the residual's (min, max) per channel when already known (merged across processes in
         synchronized BN, so that every process decides alike); computed here otherwise."""
+        from .precision import first_lossy_channel  # compiled: this check runs at every forward
         host = backend.to_host if backend is not None else np.asarray
-        gamma, beta = host(gamma), host(beta)
+        gamma, beta = np.ascontiguousarray(host(gamma), np.float64), np.ascontiguousarray(host(beta), np.float64)
         budget = 2.0 ** self.MAX_LOST_BITS
         rmin = rabs = 0.0
         if residual is not None:
@@ -301,12 +302,9 @@ class InplaceABN(Strategy):
                 residual_range = backend.channel_stats(residual, layout, with_range=True)[2:]
             rmin, rmax = (host(v) for v in residual_range)
             rabs = np.maximum(np.abs(rmin), np.abs(rmax))
-        # Per channel: 0 < |gamma| < inf and (|beta| + max|r|) / |gamma| + 1 <= budget, multiplied out (no division,
-        # so no zero or NaN warnings to silence: this runs on every forward).  A NaN fails every comparison.
-        abs_gamma = np.abs(gamma)
-        ok = (abs_gamma > 0) & (abs_gamma < np.inf) & (np.abs(beta) + rabs <= (budget - 1.0) * abs_gamma)
-        if not ok.all():
-            c = int(np.flatnonzero(~ok)[0])
+        c = first_lossy_channel(gamma, beta, beta if residual is None else np.ravel(rabs).astype(np.float64),
+                                residual is not None, budget)
+        if c >= 0:
             what = f"beta={beta[c]:.3g}" + ("" if residual is None else f", max|residual|={np.ravel(rabs)[c]:.3g}")
             return (f"channel {c} has gamma={gamma[c]:.3g}, {what}; dgamma = S / gamma would lose more "
                     f"than {self.MAX_LOST_BITS} bits")

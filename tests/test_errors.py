@@ -387,3 +387,22 @@ def test_output_modified_in_place_after_a_consumer_saved_it():
         z.mul_(2)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.sum().backward()
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "efficient_checkpoint", "inplace_abn"])
+def test_second_derivative_raises(strategy):
+    """The Function's backward records no graph: under create_graph its first-order gradients are PyTorch's, and
+    differentiating them again raises PyTorch's once_differentiable error instead of giving a wrong answer."""
+    torch.manual_seed(0)
+    x = torch.randn(4, C, 3, 3, dtype=torch.float64)
+    dz = torch.randn_like(x).requires_grad_()  # a gradient that itself depends on parameters
+    grads = []
+    for strat in ("standard", strategy):
+        layer = BatchNormAct2d(C, dtype=torch.float64, strategy=strat)
+        xs = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(layer(xs), xs, dz, create_graph=True)
+        grads.append(gx)
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[1].requires_grad
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grads[1].sum().backward()

@@ -14,6 +14,7 @@ strategy keeps z anyway) f simply runs after BN, recorded by autograd as in the 
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,18 @@ class _Config:
         self.inplace, self.update_stats, self.reducer, self.for_backward = inplace, update_stats, reducer, for_backward
         self.module = module  # a module_call.ModuleCall when the activation is a module (act is then identity)
         self.recipe = None  # set by forward when the strategy declares one (decision.recipe), taken by the caller
+
+
+def _once_differentiable(backward):
+    """``once_differentiable`` without its cost on the common path: a plain backward (no ``create_graph``) already
+    runs with grad mode off, so it is called directly; under ``create_graph`` PyTorch's wrapper runs it, whose
+    outputs raise when differentiated a second time (this backward records no graph)."""
+    guarded = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        return guarded(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+    return wrapper
 
 
 class BatchNormActFunction(torch.autograd.Function):
@@ -72,9 +85,9 @@ class BatchNormActFunction(torch.autograd.Function):
             out = cfg.module.first_run(out)
         if cfg.inplace:
             ctx.mark_dirty(x)
-        kept = {"x": x_kept, "z": out, "residual": residual,
-                "mean": _arrays.channel_tensor(decision.mean), "invstd": _arrays.channel_tensor(decision.invstd)}
-        ctx.save_for_backward(*(kept[name] for name in decision.keep))
+        kept = {"x": x_kept, "z": out, "residual": residual, "mean": decision.mean, "invstd": decision.invstd}
+        ctx.save_for_backward(*(_arrays.channel_tensor(kept[name]) if name in _CHANNEL_VALUES else kept[name]
+                                for name in decision.keep))
         ctx.keep, ctx.cfg, ctx.layout, ctx.count = decision.keep, cfg, layout, decision.count
         ctx.gamma, ctx.beta = gamma, beta
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -83,7 +96,7 @@ class BatchNormActFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @_once_differentiable
     def backward(ctx, dz):
         cfg, layout = ctx.cfg, ctx.layout
         saved = dict(zip(ctx.keep, ctx.saved_tensors))
@@ -110,6 +123,9 @@ class BatchNormActFunction(torch.autograd.Function):
         grad_w = _arrays.channel_grad(dgamma, w_dtype) if ctx.needs_input_grad[1] else None
         grad_b = _arrays.channel_grad(dbeta, b_dtype) if ctx.needs_input_grad[2] else None
         return (dx if ctx.needs_input_grad[0] else None), grad_w, grad_b, None, None, dres, None
+
+
+_CHANNEL_VALUES = ("mean", "invstd")  # kept per-channel values, saved as tensors
 
 
 def _check_not_inference(keep, x, residual):
