@@ -65,7 +65,8 @@ def merged_statistics(backend, x, layout, eps, reducer, with_range=False, residu
 def updated_running_stats(running_mean, running_var, mean, var, count, factor):
     """New running statistics: (1 - factor) * running + factor * batch, with the unbiased variance (m / (m - 1)).
 
-    All arguments float64 per channel; arithmetic operators only (device arrays welcome).
+    All arguments float64 per channel; arithmetic operators only (device arrays welcome), so that the kernels
+    compile this very function for scalars too (``backends.channel_math``, ``Backend.update_running_stats``).
     """
     unbiased = var * (count / (count - 1)) if count > 1 else var
     return (1.0 - factor) * running_mean + factor * mean, (1.0 - factor) * running_var + factor * unbiased

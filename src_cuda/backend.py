@@ -180,6 +180,13 @@ class CUDABackend(Backend):
         self._dx(kernels.dx_from_output, z, dz, dx, layout, (beta,), act, (coef_dy, coef_u, coef_const), residual,
                  dres)
 
+    def update_running_stats(self, running_mean, running_var, mean, var, count, factor):
+        channels = running_mean.shape[0]
+        if channels == 0:
+            return
+        self._launch(kernels.running_update, geometry.finalize_launch(channels), self._arg(running_mean),
+                     self._arg(running_var), self._arg(mean), self._arg(var), int(count), float(factor))
+
     # -- host copies --------------------------------------------------------------------------------------------
     def to_host(self, array):
         """A NumPy copy of a (small, per-channel) array this backend returned; waits for this backend's stream."""

@@ -63,6 +63,7 @@ from numba.cuda import float64
 from ckptnorm.backends.activation_math import act_forward as _act_forward
 from ckptnorm.backends.activation_math import act_grad as _act_grad
 from ckptnorm.backends.activation_math import act_inverse as _act_inverse
+from ckptnorm.backends.channel_math import running_stats_step as _running_stats_step
 from ckptnorm.backends.storage import narrow, widen
 
 from .geometry import (THREADS_PER_BLOCK, _Q_MAX, _Q_MIN, _advance2, _advance3, _block_fold, _dims, _fold_partials,
@@ -121,6 +122,18 @@ def stats_finalize(x, channels_last, part, n_part, with_range, mean, var, xmin, 
         if with_range:
             xmin[c] = _fold_partials(part, _Q_MIN, c, n_part)
             xmax[c] = _fold_partials(part, _Q_MAX, c, n_part)
+        c += step
+
+
+@cuda.jit(**_jit)
+def running_update(running_mean, running_var, mean, var, count, factor):
+    """The running statistics updated in place, one thread per channel (the CPU kernel's formula)."""
+    c, step = _thread_range()
+    while c < running_mean.shape[0]:
+        new_mean, new_var = _running_stats_step(widen(running_mean[c]), widen(running_var[c]), float64(mean[c]),
+                                                float64(var[c]), count, factor)
+        running_mean[c] = narrow(new_mean, running_mean)
+        running_var[c] = narrow(new_var, running_var)
         c += step
 
 

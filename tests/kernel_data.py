@@ -127,3 +127,30 @@ ACTIVATION_SPECS = [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0), ("rel
 # The residual and storage variants of the kernels branch on the activation exactly as the plain ones do: a few
 # activations cover them (the original ones, plus one of each new kind: kinked, exponential-invertible).
 RESIDUAL_SPECS = ACTIVATION_SPECS[:6] + [("hardswish", None), ("selu", None), ("celu", 0.5)]
+
+
+# -- running statistics (Backend.update_running_stats) ---------------------------------------------------------------
+RUNNING_KINDS = ["f64", "f32", "fp16", "bf16"]
+
+
+def running_case(kind, count, channels=7, factor=0.1, seed=20):
+    """Running buffers stored as ``kind``, a batch's float64 mean and biased var of ``count`` elements per channel,
+    and what the buffers must hold after the update, as float64: nn.BatchNorm's rule written out here, in float64
+    from the stored values, within the format's rounding (``tolerance``)."""
+    rng = np.random.default_rng(seed)
+    running_mean, running_var = rng.standard_normal(channels), rng.uniform(0.5, 2.0, channels)
+    mean, var = rng.standard_normal(channels), rng.uniform(0.0, 3.0, channels)
+    if kind == "f64":
+        stored = running_mean.copy(), running_var.copy()
+    else:
+        stored = stored_as(running_mean, kind)[0], stored_as(running_var, kind)[0]
+    old_mean, old_var = (values_of(a, kind) if kind != "f64" else a.copy() for a in stored)
+    unbiased = var * count / (count - 1) if count > 1 else var
+    want = (1 - factor) * old_mean + factor * mean, (1 - factor) * old_var + factor * unbiased
+    tolerance = dict(rtol=1e-15, atol=0) if kind == "f64" else dict(rtol=2e-7, atol=0) if kind == "f32" else \
+        dict(rtol=HALF_RTOL[kind] / 2, atol=0)
+    return stored, (mean, var, count, factor), want, tolerance
+
+
+def running_values(stored, kind):
+    return stored.copy() if kind == "f64" else values_of(stored, kind)

@@ -19,8 +19,9 @@ import pytest
 import torch
 from numba import cuda
 
-from kernel_data import (ACTIVATION_SPECS, HALF_FORMATS, RESIDUAL_SPECS, all_half_bits, empty_as, half_from_bits,
-                         half_to_bits, make, narrowing_cases, out_tol, stored_as, to_layout, to_ncs, tol, values_of)
+from kernel_data import (ACTIVATION_SPECS, HALF_FORMATS, RESIDUAL_SPECS, RUNNING_KINDS, all_half_bits, empty_as,
+                         half_from_bits, half_to_bits, make, narrowing_cases, out_tol, running_case, running_values,
+                         stored_as, to_layout, to_ncs, tol, values_of)
 from ckptnorm import get_activation
 from ckptnorm._cuda import geometry
 from ckptnorm._cuda.backend import CUDABackend, _simulated
@@ -190,7 +191,8 @@ def test_kernels_compile_for_a_real_gpu():
     subprocess.  Also checks the invariants visible in PTX: no atomics; barriers only in the partials kernels.
     Kernels with optional operands compile once per signature the backend launches: the plain path (stand-ins of
     the kernel's own argument types, flags False) and residual/dres views of any strides, also of another dtype;
-    and activations stored as fp16 (uint16) or bf16 (int16) bits, alone and mixed with float32.
+    and activations stored as fp16 (uint16) or bf16 (int16) bits, alone and mixed with float32; the running
+    statistics' update in each storage format.
     """
     libdevice = _libdevice()
     if libdevice is None:
@@ -241,6 +243,9 @@ def test_kernels_compile_for_a_real_gpu():
                 ("dx_from_input", (X_, DZ_, D, B, V, V, V, I, F, V, V, V, R, B, DR, B)),
                 ("dx_from_output", (X_, DZ_, D, B, V, I, F, V, V, V, R, B, DR, B)),
             ]
+        # the running statistics, updated in place in each storage format
+        for R in (float64[:], float32[:], uint16[:], int16[:]):
+            sigs.append(("running_update", (R, R, V, V, I, F)))
         for name, sig in sigs:
             ptx, _ = cuda.compile_ptx(getattr(K, name).py_func, sig, cc=(9, 0))
             assert not re.search(r"^\s*(@%p\d+\s+)?(atom|red)\.", ptx, re.M), name  # no atomics
@@ -307,6 +312,17 @@ STATS_SHAPES = [(1, 1, 1), (3, 1, 5), (1, 3, 16), (1, 17, 1), (2, 1, 64), (1, 3,
 @pytest.mark.parametrize("shape", STATS_SHAPES, ids=str)
 def test_channel_stats(shape, dtype, layout):
     check_stats(shape, dtype, layout)
+
+
+@pytest.mark.parametrize("channels", [7, 300])  # one block, and two (a grid-stride of one thread per channel)
+@pytest.mark.parametrize("kind", RUNNING_KINDS)
+def test_update_running_stats(kind, channels):
+    """The CPU kernel's rule (tests/test_kernels.py), in place on device buffers in their own storage format."""
+    (running_mean, running_var), batch, want, tolerance = running_case(kind, 50, channels)
+    mean_d, var_d = dev(running_mean), dev(running_var)
+    BACKEND.update_running_stats(mean_d, var_d, dev(batch[0]), dev(batch[1]), *batch[2:])
+    np.testing.assert_allclose(running_values(host(mean_d), kind), want[0], **tolerance)
+    np.testing.assert_allclose(running_values(host(var_d), kind), want[1], **tolerance)
 
 
 def test_channel_stats_without_range_and_large_mean():

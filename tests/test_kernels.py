@@ -7,8 +7,9 @@ import torch
 from numba import njit
 from numpy.lib.stride_tricks import as_strided
 
-from kernel_data import (ACTIVATION_SPECS, HALF_FORMATS, RESIDUAL_SPECS, all_half_bits, empty_as, half_from_bits,
-                         half_to_bits, make, narrowing_cases, out_tol, stored_as, to_layout, to_ncs, tol, values_of)
+from kernel_data import (ACTIVATION_SPECS, HALF_FORMATS, RESIDUAL_SPECS, RUNNING_KINDS, all_half_bits, empty_as,
+                         half_from_bits, half_to_bits, make, narrowing_cases, out_tol, running_case, running_values,
+                         stored_as, to_layout, to_ncs, tol, values_of)
 from ckptnorm import get_activation
 from ckptnorm.backends import get_backend
 from ckptnorm.backends.storage import narrow, widen
@@ -351,3 +352,14 @@ def test_backward_allocates_only_dx(strategy):
     sizes = [e.cpu_memory_usage for e in prof.events() if not e.cpu_children and e.cpu_memory_usage > 0]
     big = [s for s in sizes if s >= x.numel() * x.element_size() // 8]
     assert big == [x.numel() * x.element_size()], sizes
+
+
+@pytest.mark.parametrize("count", [1, 2, 50])
+@pytest.mark.parametrize("kind", RUNNING_KINDS)
+def test_update_running_stats(kind, count):
+    """In place on the buffers in their own storage format, rounded once: nn.BatchNorm's rule with the unbiased
+    variance (count 1, which training refuses, keeps the biased one instead of dividing by zero)."""
+    (running_mean, running_var), batch, want, tolerance = running_case(kind, count)
+    BACKEND.update_running_stats(running_mean, running_var, *batch)
+    np.testing.assert_allclose(running_values(running_mean, kind), want[0], **tolerance)
+    np.testing.assert_allclose(running_values(running_var, kind), want[1], **tolerance)

@@ -65,6 +65,13 @@ class Backend(abc.ABC):
         """``dx = coef_dy * dy + coef_u * (y - beta) + coef_const`` per channel from z alone, y = phi^-1(z)
         [- residual]; ``dres = dy`` when given."""
 
+    @abc.abstractmethod
+    def update_running_stats(self, running_mean, running_var, mean, var, count, factor):
+        """In place, per channel: ``running = (1 - factor) * running + factor * batch`` with the unbiased batch
+        variance (``ckptnorm.channel_stats.updated_running_stats``; ``count`` = m).  ``running_mean`` and
+        ``running_var`` are the running buffers themselves, 1-D, each in a storage format like an activation (rounded
+        once when stored); ``mean`` and ``var`` are this call's float64 statistics."""
+
     def to_host(self, array):
         """A NumPy copy of a (small, per-channel) array this backend returned; may wait for the device."""
         import numpy as np

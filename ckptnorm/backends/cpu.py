@@ -35,6 +35,14 @@ def _table(name, layout):
     return found
 
 
+def _running_update():
+    found = _LOADED.get("running_update")
+    if found is None:
+        from .cpu_kernels import running_update as found
+        _LOADED["running_update"] = found
+    return found
+
+
 def _kernels(act, layout):
     """The kernels for ``act`` and ``layout``: branch-free ones for piecewise-linear activations, tiled ones
     otherwise."""
@@ -95,3 +103,6 @@ class CPUBackend(Backend):
         _kernels(act, layout).dx_from_output(
             z, dz, dx, _per_channel(beta), *_act_args(act, True),
             _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const), residual, dres)
+
+    def update_running_stats(self, running_mean, running_var, mean, var, count, factor):
+        _running_update()(running_mean, running_var, _per_channel(mean), _per_channel(var), count, float(factor))

@@ -43,6 +43,7 @@ from numba import njit, prange
 
 from .cpu_tiles import (PRANGE_ONLY, TILE, LayoutKernels, _chunking, _combine, _from_input_row, _from_input_tile,
                         _from_output_row, _from_output_tile, _jit, _reduce_jit, act_forward_tile)
+from .channel_math import running_stats_step
 from .storage import narrow, widen
 
 # -- per-channel statistics ---------------------------------------------------------------------------------------
@@ -349,3 +350,13 @@ KERNELS = {
                          dx_from_output_nsc),
 }
 STATS = {"ncs": stats_ncs, "nsc": stats_nsc}
+
+
+@njit(**_jit)
+def running_update(running_mean, running_var, mean, var, count, factor):
+    """The running statistics updated in place, one channel at a time (a handful of channels: no threads)."""
+    for c in range(running_mean.shape[0]):
+        new_mean, new_var = running_stats_step(widen(running_mean[c]), widen(running_var[c]), mean[c], var[c],
+                                               count, factor)
+        running_mean[c] = narrow(new_mean, running_mean)
+        running_var[c] = narrow(new_var, running_var)

@@ -164,6 +164,13 @@ def channel_array(t: torch.Tensor):
     return t.detach().numpy() if t.device.type == "cpu" else t
 
 
+def buffer_view(t: torch.Tensor):
+    """A 1-D buffer (running statistics) as the array a backend updates in place: a NumPy view of a CPU tensor, the
+    tensor itself on CUDA (viewed through ``__cuda_array_interface__``); 16-bit floats as their bit views."""
+    bits = _bit_view(t.detach())
+    return bits.numpy() if t.device.type == "cpu" else bits
+
+
 def backend_for(t: torch.Tensor):
     """The backend that runs kernels on ``t``: "cpu" for CPU tensors, "cuda" for CUDA tensors.
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..activations import Activation, get_activation
-from ..channel_stats import batch_statistics, merged_statistics, updated_running_stats
+from ..channel_stats import batch_statistics, merged_statistics
 from ..strategies import OutputRecipe, get_strategy
 from . import _arrays, _recompute, sync
 from ._recompute import in_backward
@@ -63,7 +63,7 @@ class BatchNormActFunction(torch.autograd.Function):
             backend = sync.EmptyBatchBackend(backend, channels, device)
         gamma = _arrays.channel_values(weight, channels, 1.0, device)
         beta = _arrays.channel_values(bias, channels, 0.0, device)
-        running = (None, None) if running_mean is None else (
+        running = (None, None) if (running_mean is None or cfg.training) else (  # eval mode reads them
             _arrays.channel_values(running_mean, channels, 0.0, device),
             _arrays.channel_values(running_var, channels, 1.0, device))
         x_arr = _arrays.activation_view(x, layout)
@@ -72,10 +72,8 @@ class BatchNormActFunction(torch.autograd.Function):
                                        *running, residual=r_arr, reducer=cfg.reducer, for_backward=cfg.for_backward)
         _check_not_inference(decision.keep, x, residual)  # before the running statistics change
         if cfg.training and cfg.update_stats and running_mean is not None:
-            new_mean, new_var = updated_running_stats(*running, decision.mean, decision.var, decision.count,
-                                                      cfg.momentum)
-            running_mean.copy_(_arrays.channel_tensor(new_mean))  # no graph: a Function's forward runs without grad
-            running_var.copy_(_arrays.channel_tensor(new_var))
+            backend.update_running_stats(_arrays.buffer_view(running_mean), _arrays.buffer_view(running_var),
+                                         decision.mean, decision.var, decision.count, cfg.momentum)
         # inplace_abn falling back to keeping x while writing z over it: keep a copy of x (invariant 3).
         x_kept = x.clone() if (cfg.inplace and "x" in decision.keep) else x
         out = x if cfg.inplace else torch.empty_like(x)
