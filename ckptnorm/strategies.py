@@ -86,8 +86,10 @@ def backward_from_input(backend, x, dz, dx, layout, mean, invstd, gamma, beta, a
         if training:
             all_dy, all_dy_xhat = ((sum_dy, sum_dy_xhat) if reducer is None
                                    else reducer.sum_channels(sum_dy, sum_dy_xhat))
-            coef_u = -scale * invstd * all_dy_xhat / count
-            coef_const = -scale * all_dy / count
+            # few array operations: each costs microseconds on a small layer (host work, per call)
+            minus_scale_by_m = scale / -count
+            coef_u = minus_scale_by_m * invstd * all_dy_xhat
+            coef_const = minus_scale_by_m * all_dy
         else:
             coef_u = coef_const = scale * 0.0
         backend.dx_from_input(x, dz, dx, layout, mean, scale, beta, act, scale, coef_u, coef_const, residual, dres)
@@ -99,17 +101,19 @@ def backward_from_output(backend, z, dz, dx, layout, invstd, gamma, beta, act, t
     """Reduce then write dx (and dres = dy when given) from z (y = phi^-1(z) [- r], no xhat).  Returns (dgamma,
     dbeta) as float64.  ``reducer``: as in ``backward_from_input``."""
     sum_dy, sum_dy_ybeta = backend.reduce_from_output(z, dz, layout, beta, act, residual)
+    dgamma = sum_dy_ybeta / gamma
     if dx is not None:
         scale = gamma * invstd
         if training:
-            all_dy, all_dy_ybeta = ((sum_dy, sum_dy_ybeta) if reducer is None
-                                    else reducer.sum_channels(sum_dy, sum_dy_ybeta))
-            coef_u = -invstd * all_dy_ybeta / (gamma * count)
-            coef_const = -scale * all_dy / count
+            all_dy, all_dgamma = ((sum_dy, dgamma) if reducer is None
+                                  else reducer.sum_channels(sum_dy, dgamma))  # sum(S) / gamma = sum(S / gamma)
+            # few array operations, as in backward_from_input
+            coef_u = invstd / -count * all_dgamma
+            coef_const = scale / -count * all_dy
         else:
             coef_u = coef_const = scale * 0.0
         backend.dx_from_output(z, dz, dx, layout, beta, act, scale, coef_u, coef_const, residual, dres)
-    return sum_dy_ybeta / gamma, sum_dy
+    return dgamma, sum_dy
 
 
 class Strategy:
