@@ -32,6 +32,7 @@ SHAPES = QUICK_SHAPES if QUICK else TARGET_SHAPES
 DTYPES = ["float32", "float64"]
 LAYOUTS = ["NCHW", "channels_last"]
 NATIVE = "native"  # PyTorch's BatchNorm2d + in-place LeakyReLU(0.01): the baseline the ratios are read against
+FLOOR = "floor"  # inplace_abn's kernels behind a bare autograd Function (per_call_floor): the per-call floor
 VARIANTS = [NATIVE] + STRATEGIES
 MODEL_INPUT = "2x3x32x32" if QUICK else "8x3x64x64"  # input of the built-in model (`ckptnorm compare`'s default)
 # Layers small enough that host work (Python, views, kernel dispatch, autograd), not memory traffic, sets the time.
@@ -54,9 +55,13 @@ def activation_inputs(shape_text, dtype="float32", layout="NCHW", seed=0):
 
 
 def make_layer(variant, channels, dtype="float32"):
-    """A BN + LeakyReLU layer: ``native`` PyTorch modules, or ckptnorm's BatchNormAct2d with that strategy."""
+    """A BN + LeakyReLU layer: ``native`` PyTorch modules, ``floor`` (``per_call_floor``: float32 training only),
+    or ckptnorm's BatchNormAct2d with that strategy."""
     from ckptnorm.torch import BatchNormAct2d
     dtype = getattr(torch, dtype)
+    if variant == FLOOR:
+        from .per_call_floor import FloorLayer
+        return FloorLayer(channels, dtype=dtype)
     if variant == NATIVE:
         return torch.nn.Sequential(torch.nn.BatchNorm2d(channels, dtype=dtype), torch.nn.LeakyReLU(SLOPE, inplace=True))
     return BatchNormAct2d(channels, activation="leaky_relu", activation_param=SLOPE, strategy=variant, dtype=dtype)

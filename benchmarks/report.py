@@ -29,7 +29,7 @@ import torch
 
 import ckptnorm
 
-from .common import (COPY_PASSES, FORWARD_BACKWARD_PASSES, LAYOUTS, MODEL_STEP_TARGET, NATIVE, PER_CALL_SHAPES,
+from .common import (COPY_PASSES, FLOOR, FORWARD_BACKWARD_PASSES, LAYOUTS, MODEL_STEP_TARGET, NATIVE, PER_CALL_SHAPES,
                      PER_CALL_TARGET, SLOPE, STRATEGIES, TARGET_SHAPES, activation_inputs, forward_backward,
                      interleaved_medians, make_layer, make_model, model_input, parse_shape, train_step)
 
@@ -154,7 +154,9 @@ def format_report(result) -> str:
                          f"{r['bandwidth_fraction']:8.0%}  {', '.join(marks)}".rstrip())
     if result["per_call"]:
         lines += ["", f"per-call cost: small layers, {result['per_call'][0]['layout']}, median of "
-                      f"{meta['per_call_repeats']} repeats taken in turn; time / native's"]
+                      f"{meta['per_call_repeats']} repeats taken in turn; time / native's; {FLOOR} (float32 only): "
+                      "inplace_abn's kernels behind a bare autograd Function (benchmarks/per_call_floor.py), the least "
+                      "host work this design can do"]
         for m in result["per_call"]:
             lines.append(f"  {m['shape']:12s} " + "  ".join(f"{r['variant']} {r['seconds'] * 1e6:.0f} us"
                                                           + ("" if r["variant"] == NATIVE else f" ({1 / r['speedup']:.2f}x)")
@@ -217,7 +219,8 @@ def main(argv=None) -> int:
         layers = [measure_layer(shape, args.dtype, layout, STRATEGIES, args.repeats)
                   for shape in args.shapes for layout in args.layouts]
         per_call = [] if args.skip_per_call else [
-            measure_layer(shape, args.dtype, "NCHW", STRATEGIES, args.per_call_repeats)
+            measure_layer(shape, args.dtype, "NCHW", STRATEGIES + ([FLOOR] if args.dtype == "float32" else []),
+                          args.per_call_repeats)
             for shape in args.per_call_shapes]
         model = None if args.skip_model else measure_model(args.model_input, STRATEGIES, args.repeats)
         first_call = None if args.skip_first_call else measure_first_call(args.dtype, args.layouts)

@@ -73,6 +73,24 @@ def test_per_call_benchmark_runs(variant):
     assert 0 < results["track_time_to_native"] < float("inf")
 
 
+def test_per_call_floor_computes_what_inplace_abn_computes():
+    """The report's floor is a fair one: same output, gradients and running statistics as the layer it undercuts."""
+    x, dz = common.activation_inputs("4x3x5x5", seed=3)
+    results = []
+    for variant in (common.FLOOR, "inplace_abn"):
+        torch.manual_seed(0)
+        layer = common.make_layer(variant, 3)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        xs = x.clone().requires_grad_()
+        z = layer(xs)
+        z.backward(dz)
+        results.append((z, xs.grad, layer.weight.grad, layer.bias.grad, layer.running_mean, layer.running_var))
+    for floor, ours in zip(*results):
+        torch.testing.assert_close(floor, ours, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["ncs", "nsc"])
 @pytest.mark.parametrize("kernel", bench_kernels.KERNEL_NAMES)
 def test_cpu_kernel_benchmark_runs(kernel, layout):
@@ -114,6 +132,7 @@ def test_report_runs_and_writes_json(tmp_path, capsys):
     assert [r["variant"] for r in data["layers"][0]["rows"]] == ["native"] + common.STRATEGIES
     assert [r["strategy"] for r in data["model"]["rows"]] == common.STRATEGIES
     assert [(m["shape"], m["layout"]) for m in data["per_call"]] == [(TINY, "NCHW")]
+    assert [r["variant"] for r in data["per_call"][0]["rows"]] == ["native"] + common.STRATEGIES + [common.FLOOR]
     assert data["first_call_seconds"] > 0
     assert all(set(t) == {"target", "met", "value"} for t in data["targets"]) and len(data["targets"]) == 13
 
