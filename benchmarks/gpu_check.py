@@ -16,6 +16,9 @@ Sections
                BatchNorm2d + in-place LeakyReLU (cuDNN) at the issue's shapes and a small one: device time (CUDA
                events) and wall time with the device synchronized, medians of interleaved repeats; where the wall
                time exceeds the device time, the host (Python, autograd, launches) is what a call waits for
+  host_time    the host side of the CUDA path per layer (issue 14's target: <= 60 us forward+backward): each kernel
+               strategy's forward+backward on a small layer with every kernel launch stubbed out (counted, not
+               run), wall-clock medians of interleaved repeats, beside the launches per call
   bandwidth    each CUDA kernel's effective bandwidth (the bytes it must move / its device time) as a fraction of a
                device-to-device copy of the same tensor, both layouts, ResNet-50 layer shapes at batch 64
   memory       ``ckptnorm.torch.compare`` of the built-in models and torchvision's resnet18 (when installed): per
@@ -259,6 +262,49 @@ def run_layer_time(mode):
     return {"repeats": TIME_REPEATS[mode], "simulated": mode == "simulate", "ok": True, "rows": rows}
 
 
+# -- section: the host side of the CUDA path ---------------------------------------------------------------------
+HOST_SHAPE = {"full": "2x16x8x8", "quick": "2x16x8x8", "simulate": "2x3x4x5"}
+HOST_REPEATS = {"full": 200, "quick": 100, "simulate": 2}
+HOST_TARGET_US = 60.0  # forward+backward of one layer, everything but the kernels (issue 14)
+
+
+def run_host_time(mode):
+    """Everything a layer's call does on the host -- Python, autograd, array views, the backend's allocations and
+    its per-channel host copies -- with ``CUDABackend._launch`` replaced by a counter: no kernel runs, so the wall
+    time is the host's (the outputs are garbage and are not looked at)."""
+    from ckptnorm._cuda.backend import CUDABackend
+
+    from .common import STRATEGIES as ALL_STRATEGIES, activation_inputs, forward_backward, make_layer
+    device = _device(mode)
+    x, dz = (t.to(device) for t in activation_inputs(HOST_SHAPE[mode]))
+    variants = [s for s in ALL_STRATEGIES if s != "standard"]  # standard runs PyTorch's own kernels
+    layers = {v: make_layer(v, x.shape[1]).to(device) for v in variants}
+    launches = {"count": 0}
+
+    def counted_launch(self, kernel, launch, *args):
+        launches["count"] += 1
+
+    real_launch = CUDABackend._launch
+    CUDABackend._launch = counted_launch
+    try:
+        with _cuda_kernels(mode):
+            per_call = {}
+            for v, layer in layers.items():
+                forward_backward(layer, x, dz)  # first call: compiles nothing (no launch), fills caches
+                launches["count"] = 0
+                forward_backward(layer, x, dz)
+                per_call[v] = launches["count"]
+            seconds = _interleaved_medians({v: (lambda layer=layer: forward_backward(layer, x, dz))
+                                            for v, layer in layers.items()}, HOST_REPEATS[mode], device)
+    finally:
+        CUDABackend._launch = real_launch
+    rows = [{"variant": v, "launches": per_call[v], "host_us": 1e6 * seconds[v][1],
+             "target": f"<= {HOST_TARGET_US:g} us " + ("met" if 1e6 * seconds[v][1] <= HOST_TARGET_US else "NOT met")}
+            for v in variants]
+    return {"shape": HOST_SHAPE[mode], "repeats": HOST_REPEATS[mode], "simulated": mode == "simulate", "ok": True,
+            "rows": rows}
+
+
 # -- section: each kernel's bandwidth against a copy ------------------------------------------------------------------
 BANDWIDTH_SHAPES = {"full": ["64x256x56x56", "64x1024x14x14"], "quick": ["32x256x28x28"], "simulate": ["2x3x4x5"]}
 BANDWIDTH_REPEATS = {"full": 20, "quick": 10, "simulate": 1}
@@ -376,7 +422,7 @@ def run_cuda_graph(mode):
 
 # -- the run ----------------------------------------------------------------------------------------------------------
 SECTIONS = {"tests": run_tests, "equivalence": run_equivalence, "layer_time": run_layer_time,
-            "bandwidth": run_bandwidth, "memory": run_memory, "cuda_graph": run_cuda_graph}
+            "host_time": run_host_time, "bandwidth": run_bandwidth, "memory": run_memory, "cuda_graph": run_cuda_graph}
 
 
 def environment(mode):
@@ -436,6 +482,13 @@ def print_section(name, section, out=None):
               file=out)
         _print_rows([("shape", "shape", "16s"), ("variant", "variant", "22s"), ("device ms", "device_ms", "10.3f"),
                      ("wall ms", "wall_ms", "9.3f"), ("vs native", "vs_native", "9.2f")], section["rows"], out)
+    elif name == "host_time":
+        print(head + f"host work per layer forward+backward, kernel launches stubbed out, {section['shape']} float32 "
+              f"NCHW, medians of {section['repeats']} interleaved repeats" +
+              (" (simulator: its own array wrappers, not the host cost on a GPU)" if section["simulated"] else ""),
+              file=out)
+        _print_rows([("variant", "variant", "22s"), ("launches", "launches", "8d"), ("host us", "host_us", "8.1f"),
+                     ("target", "target", "s")], section["rows"], out)
     elif name == "bandwidth":
         print(head + f"float32, medians of {section['repeats']} interleaved repeats" +
               (" (simulator: CPU wall times, not GPU figures)" if section["simulated"] else ""), file=out)

@@ -189,6 +189,19 @@ def test_gpu_check_layer_time_rows_every_variant_against_native(monkeypatch):
     assert all(r["device_ms"] > 0 and r["wall_ms"] >= r["device_ms"] for r in section["rows"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the simulator mode: CPU tensors through the CUDA kernels")
+def test_gpu_check_host_time_counts_launches_and_restores_them():
+    from ckptnorm._cuda.backend import CUDABackend
+    launch = CUDABackend._launch
+    section = gpu_check.run_host_time("simulate")
+    assert CUDABackend._launch is launch
+    # training forward+backward: statistics (partials + finalize), running update, normalize, reduction (partials +
+    # finalize), dx; checkpoint recomputes the statistics in backward
+    assert {r["variant"]: r["launches"] for r in section["rows"]} == {
+        "checkpoint": 9, "efficient_checkpoint": 7, "inplace_abn": 7}
+    assert all(r["host_us"] > 0 and r["target"].startswith("<= 60 us") for r in section["rows"])
+
+
 def test_gpu_check_memory_compares_every_strategy_and_says_what_it_skipped(monkeypatch):
     monkeypatch.setattr(gpu_check, "MEMORY_MODELS", {"preact_resnet": {"simulate": "2x3x8x8"},
                                                      "torchvision:no_such_model": {"simulate": "2x3x8x8"}})
