@@ -34,7 +34,9 @@ LAYOUTS = ["NCHW", "channels_last"]
 NATIVE = "native"  # PyTorch's BatchNorm2d + in-place LeakyReLU(0.01): the baseline the ratios are read against
 FLOOR = "floor"  # inplace_abn's kernels behind a bare autograd Function (per_call_floor): the per-call floor
 VARIANTS = [NATIVE] + STRATEGIES
-MODEL_INPUT = "2x3x32x32" if QUICK else "8x3x64x64"  # input of the built-in model (`ckptnorm compare`'s default)
+MODEL_INPUT = "2x3x32x32" if QUICK else "8x3x64x64"  # input of the built-in model's step benchmarks
+COMPARE_INPUT = "8x3x128x128"  # `ckptnorm compare`'s default input of the built-in models
+MODEL_RATIO_INPUTS = [MODEL_INPUT] if QUICK else [MODEL_INPUT, COMPARE_INPUT]
 # Layers small enough that host work (Python, views, kernel dispatch, autograd), not memory traffic, sets the time.
 PER_CALL_SHAPES = ["2x16x8x8"] if QUICK else ["2x16x8x8", "8x64x32x32"]
 PER_CALL_TARGET = 1.25  # fwd+bwd time / native's, at the smallest shape (issue 14)

@@ -29,15 +29,16 @@ import torch
 
 import ckptnorm
 
-from .common import (COPY_PASSES, FLOOR, FORWARD_BACKWARD_PASSES, LAYOUTS, MODEL_STEP_TARGET, NATIVE, PER_CALL_SHAPES,
-                     PER_CALL_TARGET, SLOPE, STRATEGIES, TARGET_SHAPES, activation_inputs, forward_backward,
-                     interleaved_medians, make_layer, make_model, model_input, parse_shape, train_step)
+from .common import (COMPARE_INPUT, COPY_PASSES, FLOOR, FORWARD_BACKWARD_PASSES, LAYOUTS, MODEL_STEP_TARGET, NATIVE,
+                     PER_CALL_SHAPES, PER_CALL_TARGET, SLOPE, STRATEGIES, TARGET_SHAPES, activation_inputs,
+                     forward_backward, interleaved_medians, make_layer, make_model, model_input, parse_shape,
+                     train_step)
 
 SPEEDUP_TARGETS = {"checkpoint": 2.0, "efficient_checkpoint": 3.0, "inplace_abn": 3.0}  # x native, every shape
 BANDWIDTH_TARGET = 0.60  # fraction of copy bandwidth, for the strategies that run ckptnorm's kernels
 KERNEL_STRATEGIES = ("checkpoint", "efficient_checkpoint", "inplace_abn")  # standard runs PyTorch's native ops
 FIRST_CALL_TARGET_SECONDS = 2.0
-DEFAULT_MODEL_INPUT = "8x3x64x64"  # `ckptnorm compare`'s default
+DEFAULT_MODEL_INPUT = COMPARE_INPUT  # `ckptnorm compare`'s default
 
 # Run in a fresh interpreter: the first forward+backward of every kernel strategy in every layout, timed together
 # (an upper bound on any single first call).  Imports of torch and ckptnorm are not timed; loading Numba is.

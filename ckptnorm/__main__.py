@@ -15,6 +15,10 @@ from .strategies import STRATEGY_NAMES, get_strategy
 
 _BLOCK_INPUT = (16, 32, 56, 56)
 _MODEL_INPUT = (8, 3, 64, 64)
+# compare's built-in models train on 128x128 crops: at 64x64 their 13-15 layers are small enough that the per-call
+# host work of a kernel strategy (about 0.1 ms per layer on 2 cores) is several percent of a step, which says more
+# about the machine's Python than about the strategies; a step still takes a fifth of a second
+_COMPARE_INPUT = (8, 3, 128, 128)
 
 
 def parse_shape(text):
@@ -105,8 +109,8 @@ def build_parser():
                           "torchvision:NAME, timm:NAME, smp:ARCH:ENCODER (random weights; need torchvision, timm, "
                           "segmentation-models-pytorch), or block (one conv -> BatchNormAct2d -> conv block)")
     cmp.add_argument("--input", type=parse_shape, default=None,
-                     help="input NxCxHxW (default 8x3x64x64, or 8x3xSxS with the smallest S >= 64 that a library "
-                          "model accepts; 16x32x56x56 for --model block)")
+                     help="input NxCxHxW (default 8x3x128x128 for the built-in models, 8x3xSxS with the smallest "
+                          "S >= 64 that a library model accepts, 16x32x56x56 for --model block)")
     cmp.add_argument("--strategies", nargs="+", type=_strategy, default=list(STRATEGY_NAMES))
     cmp.add_argument("--repeats", type=_positive_int, default=None,
                      help="timed steps per row; the median is shown (default 5; 7 for --model block)")
@@ -142,7 +146,7 @@ def _write(parser, path, text):
         parser.exit(2, f"ckptnorm: cannot write {path!r}: {exc.strerror}\n")
 
 
-def _build_model(parser, name, shape):
+def _build_model(parser, name, shape, default=_MODEL_INPUT):
     import torch
     if _is_zoo(name):
         from .torch.zoo import build_model
@@ -151,7 +155,7 @@ def _build_model(parser, name, shape):
         except ValueError as exc:
             parser.exit(2, f"{str(exc).splitlines()[0]}\n")
         return model.train(), x
-    shape = shape or _MODEL_INPUT
+    shape = shape or default
     from .torch.models import get_model
     try:
         torch.manual_seed(0)
@@ -216,7 +220,7 @@ def _compare(parser, args):
     if args.model == "block":
         return _compare_block(parser, args)
     from .torch.compare import compare
-    model, x = _build_model(parser, args.model, args.input)
+    model, x = _build_model(parser, args.model, args.input, _COMPARE_INPUT)
     result = compare(model, x, args.strategies, repeats=args.repeats or 5, progress=not args.no_progress,
                      compile=args.compile, compile_budgets=args.compile_budgets, model_name=args.model)
     return _report(parser, args, result)

@@ -2,8 +2,8 @@
 
 Channel c may keep z alone when ``0 < |gamma_c| < inf`` and ``|beta_c| + max|r_c| <= (budget - 1) |gamma_c|``
 (budget = 2**MAX_LOST_BITS; r the residual, 0 without one).  The rule runs on the host at every training forward
-of inplace_abn; as NumPy expressions it took about ten array operations, several microseconds each on a small
-layer, where this loop is one call.  Imported on first use, so that ``import ckptnorm`` does not load Numba.
+of inplace_abn: as NumPy expressions it takes about ten array operations, several microseconds each on a small
+layer, and as this loop one call.  Imported on first use, so that ``import ckptnorm`` does not load Numba.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The main job: ``ckptnorm compare`` (built-in pre-activation ResNet, or ``--model block``) and ``ckptnorm plan``."""
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import re
@@ -152,3 +153,21 @@ def test_plan_refuses_the_block_model():
     out = _run("plan", "--model", "block", "--budget", "0.9")
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert out.stderr.startswith("ckptnorm: plan does not take --model block; tip: use preact_resnet")
+
+
+@pytest.mark.parametrize("argv, shape", [(["compare"], (8, 3, 128, 128)),
+                                         (["compare", "--model", "postact_resnet"], (8, 3, 128, 128)),
+                                         (["compare", "--input", "2x3x8x8"], (2, 3, 8, 8))])
+def test_compare_default_input_of_the_built_in_models(monkeypatch, argv, shape):
+    """128x128 crops by default (the step ratios are those of layers larger than their host work)."""
+    cmp = importlib.import_module("ckptnorm.torch.compare")  # the module (ckptnorm.torch.compare is the function)
+    seen = {}
+
+    def record(model, x, *args, **kwargs):
+        seen["shape"] = tuple(x.shape)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cmp, "compare", record)
+    with pytest.raises(SystemExit):
+        main(argv + ["--no-progress"])
+    assert seen["shape"] == shape

@@ -109,6 +109,25 @@ def test_momentum_none_cumulative_average_and_eval_uses_running_stats():
     assert int(layer.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("strategy", ckptnorm.STRATEGY_NAMES)
+def test_running_buffers_updated_in_place_as_batchnorm_does(strategy):
+    """The same buffer objects and memory, updated in place, and autograd's version counters as nn.BatchNorm leaves
+    them (its kernels write the buffers without an in-place op, as ours do)."""
+    layer, bn = BatchNormAct2d(3, strategy=strategy, activation="identity"), torch.nn.BatchNorm2d(3)
+    buffers = layer.running_mean, layer.running_var
+    pointers, versions = [b.data_ptr() for b in buffers], [b._version for b in buffers]
+    bn_versions = [bn.running_mean._version, bn.running_var._version]
+    x = torch.randn(4, 3, 5, 5) + 2
+    layer(x.clone().requires_grad_())
+    bn(x.clone().requires_grad_())
+    assert layer.running_mean is buffers[0] and layer.running_var is buffers[1]
+    assert [b.data_ptr() for b in buffers] == pointers
+    torch.testing.assert_close(layer.running_mean, bn.running_mean)
+    torch.testing.assert_close(layer.running_var, bn.running_var)
+    assert [b._version - v for b, v in zip(buffers, versions)] == \
+        [bn.running_mean._version - bn_versions[0], bn.running_var._version - bn_versions[1]]
+
+
 def test_no_grad_forward_works_for_every_strategy():
     x = torch.randn(2, 3, 4, 4)
     outs = []
