@@ -19,7 +19,7 @@ from .common import COPY_PASSES, DTYPES, KERNEL_PASSES, SHAPES, SLOPE, parse_sha
 KERNEL_NAMES = ["copy"] + list(KERNEL_PASSES)
 
 
-def _kernel_calls(shape, dtype, layout):
+def kernel_calls(shape, dtype, layout):
     """name -> zero-argument call, all on arrays of one shape (outputs preallocated: kernels never allocate)."""
     n, c, h, w = parse_shape(shape)
     dims = (n, c, h * w) if layout == "ncs" else (n, h * w, c)
@@ -52,7 +52,7 @@ class CpuKernel:
     timeout = 300
 
     def setup(self, kernel, shape, dtype, layout):
-        calls = _kernel_calls(shape, dtype, layout)
+        calls = kernel_calls(shape, dtype, layout)
         self.kernel, self.copy = calls[kernel], calls["copy"]
         self.passes = COPY_PASSES if kernel == "copy" else KERNEL_PASSES[kernel]
         self.kernel()  # compiles (or loads from Numba's disk cache) and touches every page

@@ -5,7 +5,8 @@ For each shape and layout, one BN + LeakyReLU(0.01) layer: PyTorch's native Batc
 every ckptnorm strategy, forward+backward median time, speed-up (native time / strategy time) and effective
 bandwidth as a fraction of a plain tensor copy (``dst.copy_(src)``, same size) measured in the same run.  Then the
 per-call cost: the same on small layers, where host work (Python, views, kernel dispatch, autograd) sets the time,
-as a ratio to native.  Then whole training steps of the built-in default model under each strategy vs ``standard``,
+as a ratio to native.  Then each CPU kernel alone (``bench_kernels``) as a fraction of the copy's bandwidth, with
+its own minimal traffic (``KERNEL_PASSES``).  Then whole training steps of the built-in default model under each strategy vs ``standard``,
 and the first call of a fresh process (Numba's disk cache warm).  The issues' targets are shown as met / not met.
 
 Byte model (design note, "Minimal memory traffic"; N elements of itemsize b): forward+backward of one layer has to
@@ -29,8 +30,8 @@ import torch
 
 import ckptnorm
 
-from .common import (COMPARE_INPUT, COPY_PASSES, FLOOR, FORWARD_BACKWARD_PASSES, LAYOUTS, MODEL_STEP_TARGET, NATIVE,
-                     PER_CALL_SHAPES, PER_CALL_TARGET, SLOPE, STRATEGIES, TARGET_SHAPES, activation_inputs,
+from .common import (COMPARE_INPUT, COPY_PASSES, FLOOR, FORWARD_BACKWARD_PASSES, KERNEL_PASSES, LAYOUTS,
+                     MODEL_STEP_TARGET, NATIVE, PER_CALL_SHAPES, PER_CALL_TARGET, SLOPE, STRATEGIES, TARGET_SHAPES, activation_inputs,
                      forward_backward, interleaved_medians, make_layer, make_model, model_input, parse_shape,
                      train_step)
 
@@ -76,6 +77,17 @@ def measure_layer(shape, dtype, layout, strategies, repeats) -> dict:
             for v, s in seconds.items()]
     return {"shape": shape, "dtype": dtype, "layout": layout, "elements": x.numel(), "bytes": nbytes,
             "copy_seconds": copy_seconds, "copy_gb_per_s": COPY_PASSES * nbytes / copy_seconds / 1e9, "rows": rows}
+
+
+def measure_kernels(shape, dtype, layout, repeats) -> dict:
+    """Each CPU kernel's effective bandwidth (its minimal passes x bytes / median time) as a fraction of the copy's,
+    all timed in turn in one run."""
+    from .bench_kernels import kernel_calls
+    memory_order = "ncs" if layout == "NCHW" else "nsc"
+    seconds = interleaved_medians(kernel_calls(shape, dtype, memory_order), repeats)
+    copy_seconds = seconds.pop("copy")
+    return {"shape": shape, "dtype": dtype, "layout": layout,
+            "fractions": {name: (KERNEL_PASSES[name] / s) / (COPY_PASSES / copy_seconds) for name, s in seconds.items()}}
 
 
 def measure_model(input_shape, strategies, repeats) -> dict:
@@ -162,6 +174,12 @@ def format_report(result) -> str:
             lines.append(f"  {m['shape']:12s} " + "  ".join(f"{r['variant']} {r['seconds'] * 1e6:.0f} us"
                                                           + ("" if r["variant"] == NATIVE else f" ({1 / r['speedup']:.2f}x)")
                                                           for r in m["rows"]))
+    if result["kernels"]:
+        lines += ["", "each CPU kernel alone: effective bandwidth (its minimal passes x bytes / time) as a fraction of "
+                      "the copy's, same run"]
+        for m in result["kernels"]:
+            lines.append(f"  {m['shape']:14s} {m['layout']:13s} " + "  ".join(
+                f"{name} {fraction:.0%}" for name, fraction in m["fractions"].items()))
     if result["model"] is not None:
         model = result["model"]
         lines += ["", f"whole training step: {model['model']}, input {model['input']} float32",
@@ -207,6 +225,7 @@ def main(argv=None) -> int:
     parser.add_argument("--per-call-repeats", type=_positive_int, default=300,
                         help="timed runs per variant on the small layers (default 300)")
     parser.add_argument("--skip-per-call", action="store_true", help="no per-call cost on small layers")
+    parser.add_argument("--skip-kernels", action="store_true", help="no per-kernel bandwidth")
     parser.add_argument("--skip-model", action="store_true", help="no whole-model training steps")
     parser.add_argument("--skip-first-call", action="store_true", help="no new-process first-call measurement")
     parser.add_argument("--json", metavar="FILE", help="also write the measurements and targets as JSON")
@@ -223,6 +242,8 @@ def main(argv=None) -> int:
             measure_layer(shape, args.dtype, "NCHW", STRATEGIES + ([FLOOR] if args.dtype == "float32" else []),
                           args.per_call_repeats)
             for shape in args.per_call_shapes]
+        kernels = [] if args.skip_kernels else [measure_kernels(shape, args.dtype, layout, args.repeats)
+                                                for shape in args.shapes for layout in args.layouts]
         model = None if args.skip_model else measure_model(args.model_input, STRATEGIES, args.repeats)
         first_call = None if args.skip_first_call else measure_first_call(args.dtype, args.layouts)
     finally:
@@ -232,7 +253,8 @@ def main(argv=None) -> int:
     result = {"meta": {"ckptnorm": ckptnorm.__version__, "torch": torch.__version__, "numba": numba.__version__,
                        "dtype": args.dtype, "threads": threads, "repeats": args.repeats,
                        "per_call_repeats": args.per_call_repeats},
-              "layers": layers, "per_call": per_call, "model": model, "first_call_seconds": first_call,
+              "layers": layers, "per_call": per_call, "kernels": kernels, "model": model,
+              "first_call_seconds": first_call,
               "targets": evaluate_targets(layers, model, first_call, per_call)}
     print(format_report(result))
     if args.json:

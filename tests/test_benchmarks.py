@@ -133,6 +133,10 @@ def test_report_runs_and_writes_json(tmp_path, capsys):
     assert [r["strategy"] for r in data["model"]["rows"]] == common.STRATEGIES
     assert [(m["shape"], m["layout"]) for m in data["per_call"]] == [(TINY, "NCHW")]
     assert [r["variant"] for r in data["per_call"][0]["rows"]] == ["native"] + common.STRATEGIES + [common.FLOOR]
+    assert [(m["shape"], m["layout"]) for m in data["kernels"]] == [(TINY, "NCHW"), (TINY, "channels_last")]
+    assert all(set(m["fractions"]) == set(common.KERNEL_PASSES) and min(m["fractions"].values()) > 0
+               for m in data["kernels"])
+    assert "each CPU kernel alone" in text
     assert data["first_call_seconds"] > 0
     assert all(set(t) == {"target", "met", "value"} for t in data["targets"]) and len(data["targets"]) == 13
 
