@@ -216,14 +216,22 @@ def test_dropout_draws_the_same_masks_in_every_row_and_in_the_truth():
 
 def test_each_row_gets_its_own_measured_time(monkeypatch):
     """Which measurement lands in which row: the timed steps are stubbed with a distinct time per variant, in the
-    order compare measures them, and every row's step time and ratio to standard must be that variant's."""
+    order compare measures them, and every row's step time and ratio to standard must be that variant's.  The eager
+    rows are timed in one round-robin call (their steps in turn), not one row after another."""
     import importlib
     cmp = importlib.import_module("ckptnorm.torch.compare")
     seconds = iter([0.010, 0.020, 0.030, 0.045, 0.050])
-    monkeypatch.setattr(cmp, "median_times", lambda models, inputs, repeats: [next(seconds)])
+    calls = []
+
+    def median_times(models, inputs, repeats):
+        calls.append(len(models))
+        return [next(seconds) for _ in models]
+
+    monkeypatch.setattr(cmp, "median_times", median_times)
     torch.manual_seed(0)
     result = compare(preact_resnet(depth=8, width=4), torch.randn(2, 3, 8, 8), repeats=1, progress=False,
                      include_torch_checkpoint=False)
+    assert calls == [5]
     want = dict(zip(("original", "standard", "checkpoint", "efficient_checkpoint", "inplace_abn"),
                     (0.010, 0.020, 0.030, 0.045, 0.050)))
     assert {r.name: r.step_seconds for r in result.rows} == want

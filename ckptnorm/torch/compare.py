@@ -31,7 +31,8 @@ added, since its own saved-tensor hooks hide the rest); the reduction vs ``stand
 growth during one step (on CUDA exact: ``torch.cuda.max_memory_allocated`` minus what was allocated before; on CPU
 approximate: the process's resident set size from ``/proc/self/statm``, sampled during the step after returning
 freed heap memory to the OS, minus its value before; ``None`` where ``/proc`` is missing); the median step time and
-its ratio to ``standard`` measured in the same run; the normwise relative error of the whole gradient against the
+its ratio to ``standard`` measured in the same run (the eager rows' steps in turn, one step of each row per round,
+so that a shared machine's noise spreads over all of them; a compiled row's steps alone, under its settings); the normwise relative error of the whole gradient against the
 float64 truth, the model as given run in float64 on the same inputs (``||g - g64|| / ||g64||``, all parameters as
 one vector; so ``original`` shows PyTorch's own float32 error beside ours).  A model that does not run in float64
 is compared with ``standard``'s gradient instead (``meta["grad_reference"]`` says which).  The step whose gradient is
@@ -129,7 +130,7 @@ class Comparison:
         any_compiled = any(r.compiled for r in self.rows)
         lines = [f"model {m.get('model', '?')}, input {m.get('input', '?')}, {m.get('device', '?')}, "
                  f"{m.get('threads', '?')} threads, median of {m.get('repeats', '?')} training steps "
-                 "(forward + loss + backward)",
+                 "(forward + loss + backward; eager rows timed in turn)",
                  f"  {'row':{width}s} {'saved MiB':>10s} {'reduction':>10s} {'peak MiB':>9s} {'step ms':>9s} "
                  f"{'time ratio':>11s} {'grad err':>9s}" + (f" {'compile s':>10s}" if any_compiled else "")]
         for r in self.rows:
@@ -343,9 +344,10 @@ def _float64_gradient(model, inputs, device):
     return _param_grads(m64), None
 
 
-def _measure(model, runner, inputs, device, repeats, bar, name):
-    """One row's figures: (gradients of the first step, its seconds, saved bytes, peak, median step seconds).
-    ``runner`` is what is called (``model``, or ``model`` compiled); the gradients are read from ``model``."""
+def _measure(model, runner, inputs, device, repeats, bar, name, timed=True):
+    """One row's figures: (gradients of the first step, its seconds, saved bytes, peak, median step seconds; None
+    unless ``timed``).  ``runner`` is what is called (``model``, or ``model`` compiled); the gradients are read from
+    ``model``."""
     global _active_counter
 
     def advance(n=1):
@@ -367,14 +369,18 @@ def _measure(model, runner, inputs, device, repeats, bar, name):
     advance()
     peak = _peak(runner, inputs, device)
     advance()
-    (seconds,) = median_times([runner], inputs, repeats)
-    advance(repeats)
+    seconds = None
+    if timed:
+        (seconds,) = median_times([runner], inputs, repeats)
+        advance(repeats)
     return grads, first, counter.saved_bytes, peak, seconds
 
 
 def _measure_row(name, build, settings, inputs, device, repeats, bar):
-    """(saved bytes, peak, median seconds, gradients, note, compile seconds, settings) of one row: its model built,
-    compiled when ``settings`` say so (``compiled``'s rules), measured."""
+    """``((saved bytes, peak, median seconds, gradients, note, compile seconds, settings), model)`` of one row: its
+    model built, compiled when ``settings`` say so (``compiled``'s rules), measured.  An eager row's median seconds
+    are None: its steps are timed later, in turn with the other eager rows (``compare``); a compiled row's steps are
+    timed here, under its own settings."""
     from . import compiled
     if settings:
         compiled.prepare()
@@ -382,10 +388,11 @@ def _measure_row(name, build, settings, inputs, device, repeats, bar):
     model.train()
     runner = torch.compile(model, options=settings.get("options")) if settings else model
     with compiled.compile_settings(settings["budget"]) if settings else contextlib.nullcontext():
-        grads, first, saved, peak, seconds = _measure(model, runner, inputs, device, repeats, bar, name)
+        grads, first, saved, peak, seconds = _measure(model, runner, inputs, device, repeats, bar, name,
+                                                      timed=bool(settings))
         if settings:
             note = f"{note}; {compiled.describe(settings['budget'], settings.get('options'))}"
-    return saved, peak, seconds, grads, note, first - seconds if settings else None, settings
+    return (saved, peak, seconds, grads, note, first - seconds if settings else None, settings), model
 
 
 def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, repeats=5, progress=True,
@@ -457,12 +464,15 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
         truth, why_not = _float64_gradient(model, inputs, device)
         bar = _progress(len(variants) * (repeats + 3), progress)
         rows, measured, skipped = [], {}, {}
+        eager = {}  # row name -> model, for the steps timed in turn
         try:
             for name, build, settings in variants:
                 if bar is not None:
                     bar.set_postfix_str(f"{name} (compiling)" if settings else name)
                 try:
-                    measured[name] = _measure_row(name, build, settings, inputs, device, repeats, bar)
+                    measured[name], row_model = _measure_row(name, build, settings, inputs, device, repeats, bar)
+                    if not settings:
+                        eager[name] = row_model
                 except Exception as exc:  # noqa: BLE001 -- torch_checkpoint is a baseline, not ckptnorm: skipped
                     if name != "torch_checkpoint":
                         raise
@@ -471,6 +481,15 @@ def compare(model, example_inputs, strategies=DEFAULT_STRATEGIES, *, plan=None, 
                                      f"{str(exc).splitlines()[0] if str(exc) else ''})")
                     if bar is not None:
                         bar.update(repeats + 3)
+            # The eager rows' steps, round-robin: a busy moment of a shared machine costs every row alike, and the
+            # time ratios stay fair (each row timed alone would take all of a disturbance that lands on it).
+            if bar is not None:
+                bar.set_postfix_str("timing the eager rows in turn")
+            for name, seconds in zip(eager, median_times(list(eager.values()), inputs, repeats)):
+                measured[name] = (*measured[name][:2], seconds, *measured[name][3:])
+            if bar is not None:
+                bar.update(len(eager) * repeats)
+            eager.clear()
         finally:
             if bar is not None:
                 bar.close()
