@@ -68,6 +68,29 @@ def test_error_within_1_5x_native(dtype, strategy, act, param, channels_last):
             f"{name}: ckptnorm error {max_relative_error(o, t):.3g} vs native {max_relative_error(n, t):.3g}"
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("strategy", STRATEGIES[1:])
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_half_parameters_and_statistics(dtype, strategy, channels_last):
+    """``model.half()`` / ``model.bfloat16()``: parameters and running statistics in the input's dtype too (NumPy
+    has no bfloat16: such parameters once crashed the forward); errors within the same bound as above, and the
+    gradients and statistics in that dtype, as PyTorch's."""
+    x, dz, w, b = _data(dtype, channels_last)
+    w, b = w.to(dtype), b.to(dtype)
+    truth = _step("standard", "leaky_relu", 0.01, x.double(), dz.double(), w.double(), b.double())
+    native = _step("standard", "leaky_relu", 0.01, x, dz, w, b)
+    ours = _step(strategy, "leaky_relu", 0.01, x, dz, w, b)
+    assert all(t.dtype == dtype for t in ours)
+    for name, o, n, t in zip(("z", "dx", "dweight", "dbias", "running_mean", "running_var"), ours, native, truth):
+        assert max_relative_error(o, t) <= error_bound(max_relative_error(n, t), dtype), \
+            f"{name}: ckptnorm error {max_relative_error(o, t):.3g} vs native {max_relative_error(n, t):.3g}"
+    for training in (True, False):  # and through the module, as model.to(dtype) leaves it
+        layer = BatchNormAct2d(6, strategy=strategy).to(dtype).train(training)
+        out = layer(x.clone().requires_grad_())
+        out.backward(dz)
+        assert out.dtype == dtype and layer.weight.grad.dtype == dtype and layer.running_var.dtype == dtype
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
 def test_eval_mode_and_residual(dtype):
     x, dz, w, b = _data(dtype, False)

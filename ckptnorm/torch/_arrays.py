@@ -136,6 +136,8 @@ def channel_values(t, channels: int, default: float, device: torch.device):
     if device.type == "cpu":
         if t is None:
             return np.full(channels, default)
+        if t.dtype == torch.bfloat16:  # NumPy has no bfloat16: widened by PyTorch (exactly)
+            return t.detach().to(torch.float64).numpy()
         return t.detach().numpy().astype(np.float64)  # a copy, whatever the dtype
     if t is None:
         return torch.full((channels,), default, dtype=torch.float64, device=device)
