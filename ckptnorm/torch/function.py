@@ -18,7 +18,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+from torch._C import _functions as _autograd_functions  # DelayedError: what once_differentiable uses
 
 from ..activations import Activation, get_activation
 from ..channel_stats import batch_statistics, merged_statistics
@@ -42,14 +42,26 @@ class _Config:
 
 
 def _once_differentiable(backward):
-    """``once_differentiable`` without its cost on the common path: a plain backward (no ``create_graph``) already
-    runs with grad mode off, so it is called directly; under ``create_graph`` PyTorch's wrapper runs it, whose
-    outputs raise when differentiated a second time (this backward records no graph)."""
-    guarded = once_differentiable(backward)
+    """The backward records no graph, so its gradients cannot be differentiated again.
 
+    Rules: 1. a plain backward (no ``create_graph``) already runs with grad mode off: called directly, at no cost;
+    2. under ``create_graph`` it runs without grad, and where an incoming gradient requires grad (double backward:
+    a gradient penalty, MAML) its outputs are wired to a node that raises a ckptnorm error if reached, as
+    ``torch.autograd.function.once_differentiable`` does with PyTorch's generic message."""
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        return guarded(ctx, *grads) if torch.is_grad_enabled() else backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not any(g is not None and g.requires_grad for g in grads):
+            return outputs
+        message = (f"ckptnorm: a second derivative through a BatchNormAct layer ({ctx.cfg.strategy.name}, "
+                   f"{ctx.channels} channels) is not supported: its backward is not itself differentiable; tip: give "
+                   "the layers that need double backward (gradient penalty, MAML) strategy='standard', e.g. "
+                   "convert(model, {'<their names>': 'standard', '*': 'efficient_checkpoint'})")
+        detached = [None if t is None else t.detach().requires_grad_() for t in outputs]
+        return _autograd_functions.DelayedError(message.encode(), len(outputs))(*detached)
     return wrapper
 
 
@@ -86,7 +98,7 @@ class BatchNormActFunction(torch.autograd.Function):
         kept = {"x": x_kept, "z": out, "residual": residual, "mean": decision.mean, "invstd": decision.invstd}
         ctx.save_for_backward(*(_arrays.channel_tensor(kept[name]) if name in _CHANNEL_VALUES else kept[name]
                                 for name in decision.keep))
-        ctx.keep, ctx.cfg, ctx.layout, ctx.count = decision.keep, cfg, layout, decision.count
+        ctx.keep, ctx.cfg, ctx.layout, ctx.count, ctx.channels = decision.keep, cfg, layout, decision.count, channels
         ctx.gamma, ctx.beta = gamma, beta
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         if decision.recipe is not OutputRecipe.NONE:  # handed to the caller, which binds it to the returned z
