@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import enum
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._caller import warn_at_caller
 from .activations import Activation
 from .channel_stats import batch_statistics, elements_per_channel, merged_statistics
 
@@ -279,8 +279,7 @@ class InplaceABN(Strategy):
         reason = self.fallback_reason(backend, x, layout, gamma, beta, act, mean, invstd, xmin, xmax, residual,
                                       residual_range)
         if reason:
-            warnings.warn(f"ckptnorm: inplace_abn keeps x for this call: {reason}", PrecisionFallbackWarning,
-                          stacklevel=4)
+            warn_at_caller(f"ckptnorm: inplace_abn keeps x for this call: {reason}", PrecisionFallbackWarning)
             return ("x", "mean", "invstd"), reason
         return self.keeps, ""
 

@@ -370,8 +370,9 @@ def test_frozen_bn_parameters_stay_frozen():
 def test_untraceable_model_falls_back_to_sequential():
     torch.manual_seed(0)
     model = randomize_bn(Untraceable()).double()
-    with pytest.warns(SiteDiscoveryWarning, match="ckptnorm: torch.fx tracing of Untraceable failed"):
+    with pytest.warns(SiteDiscoveryWarning, match="ckptnorm: torch.fx tracing of Untraceable failed") as record:
         sites = by_name(find_sites(model))
+    assert record[0].filename == __file__  # the caller's line, not ckptnorm's
     assert list(sites) == ["features.1", "features.4"]
     # the Sequential traces on its own: its sites are fused; the root's forward is unknown code
     assert sites["features.1"].activation.describe() == "leaky_relu(0.2)" and sites["features.1"].traced

@@ -64,8 +64,10 @@ def test_small_gamma_falls_back_to_keeping_x(gamma0, inplace):
     g = torch.Generator().manual_seed(1)
     x, dz = torch.randn(8, 3, 6, 6, generator=g) + 2.0, torch.randn(8, 3, 6, 6, generator=g)
     gamma, beta = [gamma0, 1.0, 0.8], [0.5, 0.1, -0.2]
-    with pytest.warns(PrecisionFallbackWarning, match="ckptnorm: inplace_abn keeps x for this call: channel 0"):
+    with pytest.warns(PrecisionFallbackWarning, match="ckptnorm: inplace_abn keeps x for this call: channel 0") \
+            as record:
         z, dx, dgamma, dbeta, inp, saved = run(make_layer(gamma, beta, inplace=inplace), x, dz)
+    assert record[0].filename == __file__  # the line that called the layer (in run), not autograd's
     z_ref, (dx_ref, dg_ref, db_ref) = reference_grads(x, dz, gamma, beta)
     assert rel(z, z_ref) < 1e-6 and rel(dx, dx_ref) < 1e-5
     assert rel(dgamma, dg_ref) < 1e-5 and rel(dbeta, db_ref) < 1e-5

@@ -347,8 +347,10 @@ def test_falls_back_to_local_batchnorm_with_one_warning():
     assert not dist.is_initialized()
     x = torch.randn(4, 3, 5, 5)
     layer, local = SyncBatchNormAct2d(3, strategy="inplace_abn"), BatchNormAct2d(3, strategy="inplace_abn")
-    with pytest.warns(SyncFallbackWarning, match=r"^ckptnorm: SyncBatchNormAct2d runs in training without .*tip:"):
+    with pytest.warns(SyncFallbackWarning, match=r"^ckptnorm: SyncBatchNormAct2d runs in training without .*tip:") \
+            as record:
         z = layer(x)
+    assert record[0].filename == __file__  # the line that called the layer, not torch's Module.__call__
     torch.testing.assert_close(z, local(x))
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -25,12 +25,12 @@ other parameter-free elementwise activation module of torch.nn or timm, which th
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
+from .._caller import warn_at_caller
 from ..activations import Activation, get_activation
 from . import _compat
 from .graph import Pieces
@@ -350,10 +350,10 @@ def discover(model: nn.Module, example_inputs=None):
     if failed:
         names = list(failed)[:3]
         where = "; ".join(f"{failed[n][1]}" for n in names)
-        warnings.warn(f"ckptnorm: torch.fx tracing of {', '.join(names)} failed ({where}), so what happens there to "
+        warn_at_caller(f"ckptnorm: torch.fx tracing of {', '.join(names)} failed ({where}), so what happens there to "
                       f"the outputs of the sites below it (e.g. {failed[names[0]][0]}) is unknown: they are never "
                       "given a strategy that keeps their output; tip: make that forward traceable (no "
-                      "data-dependent control flow), see ckptnorm_report", SiteDiscoveryWarning, stacklevel=3)
+                      "data-dependent control flow), see ckptnorm_report", SiteDiscoveryWarning)
     return pieces, sites
 
 

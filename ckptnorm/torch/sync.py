@@ -26,12 +26,12 @@ NCCL's watchdog after the same timeout.
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from .._caller import warn_at_caller
 from ..channel_stats import Reducer
 from . import _compat
 
@@ -134,11 +134,11 @@ def reducer_for(module, process_group):
     if not (dist.is_available() and dist.is_initialized()):
         if not getattr(module, "_warned_local", False):
             module._warned_local = True
-            warnings.warn(
+            warn_at_caller(
                 f"ckptnorm: {type(module).__name__} runs in training without torch.distributed, so it normalizes "
                 "with this process's batch only (local BatchNorm); tip: call torch.distributed.init_process_group "
                 "before training, or use the BatchNormAct layers for single-process training",
-                SyncFallbackWarning, stacklevel=3)
+                SyncFallbackWarning)
         return None
     if dist.get_world_size(process_group) == 1:
         return None
