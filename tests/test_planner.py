@@ -270,3 +270,21 @@ def test_argument_errors():
         plan(model, x, 0.5, repeats=0)
     with pytest.raises(ValueError, match="^ckptnorm: unknown strategy"):
         plan(model, x, 0.5, strategies=["nope"])
+
+
+def test_apply_matches_site_names_exactly_not_as_glob_patterns():
+    """A ModuleDict key may hold glob characters: the plan for site "blocks.b?.1" must not convert "blocks.bx.1"."""
+    class Twins(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleDict({key: nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+                                         for key in ("b?", "bx")})
+
+        def forward(self, x):
+            return self.blocks["b?"](x) + self.blocks["bx"](x)
+
+    chosen = Plan(entries=[PlanEntry("blocks.b?.1", "checkpoint", 0, 0.0)], candidates={}, baseline_bytes=0,
+                  baseline_time=0.0, budget_bytes=0)
+    converted = chosen.apply(Twins())
+    assert getattr(converted.blocks["b?"][1], "strategy", None) == "checkpoint"
+    assert type(converted.blocks["bx"][1]) is nn.BatchNorm2d

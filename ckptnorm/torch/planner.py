@@ -47,8 +47,16 @@ class Plan(planning.Plan):
     """The result of ``plan`` (``ckptnorm.planning.Plan``), which ``apply`` turns into a converted model."""
 
     def apply(self, model: nn.Module, *, inplace=None):
-        """``convert(model, self.strategies, inplace=...)``: sites not in the plan are left as they are."""
-        return convert(model, self.strategies, inplace=self.inplace if inplace is None else inplace)
+        """``convert`` with each planned site's strategy, matched by exact name: sites not in the plan are left as
+        they are."""
+        return convert(model, _by_name(self.strategies), inplace=self.inplace if inplace is None else inplace)
+
+
+def _by_name(strategies, default=None):
+    """``convert``'s strategy argument choosing by exact site name, ``default`` elsewhere.  Not the dict itself:
+    its keys would be read as glob patterns, and a site's name may hold ``*``, ``?`` or ``[`` (a ``ModuleDict``
+    key), matching other sites too."""
+    return lambda site: strategies.get(site.name, default)
 
 
 # -- measurement -------------------------------------------------------------------------------------------------------
@@ -61,9 +69,9 @@ def _as_tuple(inputs):
                     "tip: pass e.g. torch.randn(8, 3, 224, 224)")
 
 
-def _prepare(model, strategy_dict, inputs, inplace):
+def _prepare(model, strategy, inputs, inplace):
     """A converted training copy and its exact saved bytes (the counted run is also its warm-up)."""
-    m = convert(model, strategy_dict, inplace=inplace)
+    m = convert(model, strategy, inplace=inplace)
     m.train()
     counter = SavedTensorsCounter(exclude=[m, *inputs])
     training_step(m, inputs, counter=counter, tool="plan")
@@ -196,7 +204,7 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
         candidates = {}
         for site in sites:
             alts = alts_of(site)
-            prepared = [_prepare(model, {site.name: n, "*": BASELINE}, inputs, inplace) for n in alts]
+            prepared = [_prepare(model, _by_name({site.name: n}, BASELINE), inputs, inplace) for n in alts]
             medians = median_times([baseline] + [m for m, _ in prepared], inputs, repeats, tool="plan")
             baseline_times.append(medians[0])
             cand = {BASELINE: (0, 0.0)}
@@ -227,7 +235,7 @@ def _verified(model, inputs, candidates, baseline_bytes, baseline_time, budget_b
             if attempt == 0:  # the user's budget itself is out of reach: the solver's message says by how much
                 raise
             break  # a tightened target out of reach: the measured plans did not fit (below)
-        _, measured = _prepare(model, result.strategies, inputs, inplace)
+        _, measured = _prepare(model, _by_name(result.strategies), inputs, inplace)
         if measured <= budget_bytes:
             break
         target -= measured - budget_bytes
