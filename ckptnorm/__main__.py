@@ -11,7 +11,7 @@ import importlib.util
 import os
 import sys
 
-from .strategies import STRATEGY_NAMES, get_strategy
+from .strategies import get_strategy, strategy_names
 
 _BLOCK_INPUT = (16, 32, 56, 56)
 _MODEL_INPUT = (8, 3, 64, 64)
@@ -111,7 +111,7 @@ def build_parser():
     cmp.add_argument("--input", type=parse_shape, default=None,
                      help="input NxCxHxW (default 8x3x128x128 for the built-in models, 8x3xSxS with the smallest "
                           "S >= 64 that a library model accepts, 16x32x56x56 for --model block)")
-    cmp.add_argument("--strategies", nargs="+", type=_strategy, default=list(STRATEGY_NAMES))
+    cmp.add_argument("--strategies", nargs="+", type=_strategy, default=list(strategy_names()))
     cmp.add_argument("--repeats", type=_positive_int, default=None,
                      help="timed steps per row; the median is shown (default 5; 7 for --model block)")
     cmp.add_argument("--compile", action="store_true",

@@ -346,7 +346,12 @@ register_strategy(Checkpoint, aliases=("ckpt", "recompute", "naive_checkpoint"))
 register_strategy(EfficientCheckpoint, aliases=("efficient", "eff_ckpt", "efficient_ckpt"))
 register_strategy(InplaceABN, aliases=("inplace", "iabn", "in_place_abn", "inplaceabn"))
 
-STRATEGY_NAMES = tuple(_REGISTRY)
+STRATEGY_NAMES = tuple(_REGISTRY)  # the built-in strategies; strategy_names() also has those registered later
+
+
+def strategy_names() -> tuple:
+    """Every registered strategy's name, the built-in ones first, then those added with ``register_strategy``."""
+    return tuple(_REGISTRY)
 
 
 def get_strategy(spec) -> Strategy:
@@ -360,6 +365,6 @@ def get_strategy(spec) -> Strategy:
         key = _ALIASES.get(key, key)
         if key in _REGISTRY:
             return _REGISTRY[key]
-        raise ValueError(f"ckptnorm: unknown strategy {spec!r}; tip: use one of {', '.join(STRATEGY_NAMES)}")
+        raise ValueError(f"ckptnorm: unknown strategy {spec!r}; tip: use one of {', '.join(strategy_names())}")
     raise TypeError(f"ckptnorm: a strategy is a name, a Strategy class or instance, got {type(spec).__name__}; "
-                    f"tip: use one of {', '.join(STRATEGY_NAMES)}")
+                    f"tip: use one of {', '.join(strategy_names())}")

@@ -25,6 +25,13 @@ def test_register_strategy_makes_a_strategy_usable_by_name_and_alias():
     assert register_strategy(Recording, aliases=("rec_eff",)) is Recording  # usable as a decorator
     try:
         assert type(get_strategy("recording_efficient")) is Recording and get_strategy("REC-EFF").name == Recording.name
+        # listed where every strategy is listed (the planner's and compare's defaults, error tips); the constant
+        # STRATEGY_NAMES stays the built-in four
+        assert ckptnorm.strategy_names() == ckptnorm.STRATEGY_NAMES + ("recording_efficient",)
+        with pytest.raises(ValueError, match="tip: use one of .*, recording_efficient$"):
+            get_strategy("no_such_strategy")
+        from ckptnorm.__main__ import build_parser
+        assert build_parser().parse_args(["compare"]).strategies[-1] == "recording_efficient"
         torch.manual_seed(0)
         x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
         grads = {}

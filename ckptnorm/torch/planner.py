@@ -32,7 +32,7 @@ from torch import nn
 
 from .. import planning
 from ..planning import PlanEntry, choose  # noqa: F401  (public names of this module since before the split)
-from ..strategies import STRATEGY_NAMES, get_strategy
+from ..strategies import get_strategy, strategy_names
 from ._recompute import SavedTensorsCounter
 from .convert import convert
 from .sites import find_sites
@@ -168,7 +168,7 @@ def plan(model: nn.Module, example_inputs, budget, *, strategies=None, repeats=5
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"ckptnorm: repeats must be a positive int, got {repeats!r}; tip: use repeats=5")
     inputs = _as_tuple(example_inputs)
-    names = list(STRATEGY_NAMES) if strategies is None else [get_strategy(s).name for s in
+    names = list(strategy_names()) if strategies is None else [get_strategy(s).name for s in
                                                               ([strategies] if isinstance(strategies, str)
                                                                else strategies)]
     names = list(dict.fromkeys([BASELINE] + names))
