@@ -1,6 +1,7 @@
 """The per-call floor: inplace_abn's training forward and backward as a bare ``torch.autograd.Function`` over the
-CPU backend's primitives, with nothing else -- no validation, no strategy or activation objects, no precision
-check, recipe, hook or running-statistics rule beyond the update itself.  NCHW float32 tensors, leaky_relu(SLOPE),
+CPU backend's primitives and the library's per-channel math (``batch_statistics``, ``backward_from_output``), with
+nothing else -- no validation, no strategy or activation objects, no precision check, recipe, hook or
+running-statistics rule beyond the update itself.  NCHW float32 tensors, leaky_relu(SLOPE),
 training mode only.
 
 ``benchmarks.report`` times it beside ckptnorm's layers on small inputs: host work (the autograd Function's own
@@ -16,6 +17,8 @@ import torch
 
 from ckptnorm import get_activation
 from ckptnorm.backends import get_backend
+from ckptnorm.channel_stats import batch_statistics
+from ckptnorm.strategies import backward_from_output
 
 from .common import SLOPE
 
@@ -32,8 +35,7 @@ class _FloorFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
         x_arr = _ncs(x)
         gamma, beta = weight.detach().numpy().astype(np.float64), bias.detach().numpy().astype(np.float64)
-        mean, var, _, _ = _CPU.channel_stats(x_arr, "ncs")
-        invstd = (var + eps) ** -0.5
+        mean, var, invstd, _, _ = batch_statistics(_CPU, x_arr, "ncs", eps)
         count = x_arr.shape[0] * x_arr.shape[2]
         _CPU.update_running_stats(running_mean.numpy(), running_var.numpy(), mean, var, count, momentum)
         z = torch.empty_like(x)
@@ -46,13 +48,10 @@ class _FloorFunction(torch.autograd.Function):
     def backward(ctx, dz):
         z, invstd = ctx.saved_tensors
         z_arr, dz_arr, invstd = _ncs(z), _ncs(dz.contiguous()), invstd.numpy()
-        gamma, beta, count = ctx.gamma, ctx.beta, ctx.count
-        sum_dy, sum_dy_ybeta = _CPU.reduce_from_output(z_arr, dz_arr, "ncs", beta, _ACT)
-        dgamma = sum_dy_ybeta / gamma
         dx = torch.empty_like(z)
-        _CPU.dx_from_output(z_arr, dz_arr, _ncs(dx), "ncs", beta, _ACT, gamma * invstd, invstd / -count * dgamma,
-                            gamma * invstd / -count * sum_dy)
-        return (dx, torch.from_numpy(dgamma.astype(np.float32)), torch.from_numpy(sum_dy.astype(np.float32)),
+        dgamma, dbeta = backward_from_output(_CPU, z_arr, dz_arr, _ncs(dx), "ncs", invstd, ctx.gamma, ctx.beta, _ACT,
+                                             True, ctx.count)
+        return (dx, torch.from_numpy(dgamma.astype(np.float32)), torch.from_numpy(dbeta.astype(np.float32)),
                 None, None, None, None)
 
 

@@ -6,8 +6,9 @@ every ckptnorm strategy, forward+backward median time, speed-up (native time / s
 bandwidth as a fraction of a plain tensor copy (``dst.copy_(src)``, same size) measured in the same run.  Then the
 per-call cost: the same on small layers, where host work (Python, views, kernel dispatch, autograd) sets the time,
 as a ratio to native.  Then each CPU kernel alone (``bench_kernels``) as a fraction of the copy's bandwidth, with
-its own minimal traffic (``KERNEL_PASSES``).  Then whole training steps of the built-in default model under each strategy vs ``standard``,
-and the first call of a fresh process (Numba's disk cache warm).  The issues' targets are shown as met / not met.
+its own minimal traffic (``KERNEL_PASSES``).  Then whole training steps of the built-in default model under each
+strategy vs ``standard``, and the first call of a fresh process (Numba's disk cache warm).  The issues' targets are
+shown as met / not met.
 
 Byte model (design note, "Minimal memory traffic"; N elements of itemsize b): forward+backward of one layer has to
 move at least 8 N b -- forward: statistics read x (1 pass), normalize+activation reads x and writes z (2);
@@ -31,9 +32,9 @@ import torch
 import ckptnorm
 
 from .common import (COMPARE_INPUT, COPY_PASSES, FLOOR, FORWARD_BACKWARD_PASSES, KERNEL_PASSES, LAYOUTS,
-                     MODEL_STEP_TARGET, NATIVE, PER_CALL_SHAPES, PER_CALL_TARGET, SLOPE, STRATEGIES, TARGET_SHAPES, activation_inputs,
-                     forward_backward, interleaved_medians, make_layer, make_model, model_input, parse_shape,
-                     train_step)
+                     MODEL_STEP_TARGET, NATIVE, PER_CALL_SHAPES, PER_CALL_TARGET, SLOPE, STRATEGIES, TARGET_SHAPES,
+                     activation_inputs, forward_backward, interleaved_medians, make_layer, make_model, model_input,
+                     parse_shape, train_step)
 
 SPEEDUP_TARGETS = {"checkpoint": 2.0, "efficient_checkpoint": 3.0, "inplace_abn": 3.0}  # x native, every shape
 BANDWIDTH_TARGET = 0.60  # fraction of copy bandwidth, for the strategies that run ckptnorm's kernels
@@ -86,8 +87,8 @@ def measure_kernels(shape, dtype, layout, repeats) -> dict:
     memory_order = "ncs" if layout == "NCHW" else "nsc"
     seconds = interleaved_medians(kernel_calls(shape, dtype, memory_order), repeats)
     copy_seconds = seconds.pop("copy")
-    return {"shape": shape, "dtype": dtype, "layout": layout,
-            "fractions": {name: (KERNEL_PASSES[name] / s) / (COPY_PASSES / copy_seconds) for name, s in seconds.items()}}
+    fractions = {name: (KERNEL_PASSES[name] / s) / (COPY_PASSES / copy_seconds) for name, s in seconds.items()}
+    return {"shape": shape, "dtype": dtype, "layout": layout, "fractions": fractions}
 
 
 def measure_model(input_shape, strategies, repeats) -> dict:
@@ -171,9 +172,9 @@ def format_report(result) -> str:
                       "inplace_abn's kernels behind a bare autograd Function (benchmarks/per_call_floor.py), the least "
                       "host work this design can do"]
         for m in result["per_call"]:
-            lines.append(f"  {m['shape']:12s} " + "  ".join(f"{r['variant']} {r['seconds'] * 1e6:.0f} us"
-                                                          + ("" if r["variant"] == NATIVE else f" ({1 / r['speedup']:.2f}x)")
-                                                          for r in m["rows"]))
+            cells = [f"{r['variant']} {r['seconds'] * 1e6:.0f} us"
+                     + ("" if r["variant"] == NATIVE else f" ({1 / r['speedup']:.2f}x)") for r in m["rows"]]
+            lines.append(f"  {m['shape']:12s} " + "  ".join(cells))
     if result["kernels"]:
         lines += ["", "each CPU kernel alone: effective bandwidth (its minimal passes x bytes / time) as a fraction of "
                       "the copy's, same run"]

@@ -11,17 +11,16 @@ import os
 import sys
 import warnings
 
-_INTERNAL = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["ckptnorm"],))
 
-
-def _torch_dir():
-    torch = sys.modules.get("torch")
-    return None if torch is None else os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+def _package_dirs():
+    """The folders of ckptnorm and, when it is loaded, torch (each ending with a separator)."""
+    return tuple(os.path.dirname(os.path.abspath(sys.modules[name].__file__)) + os.sep
+                 for name in ("ckptnorm", "torch") if name in sys.modules)
 
 
 def warn_at_caller(message, category):
     """``warnings.warn(message, category)`` with the stack level of the first frame outside ckptnorm and torch."""
-    internal = _INTERNAL + tuple(d for d in (_torch_dir(),) if d is not None)
+    internal = _package_dirs()
     frame, level = sys._getframe(1), 2  # level 2: warn_at_caller's caller
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
         frame, level = frame.f_back, level + 1

@@ -304,11 +304,10 @@ class InplaceABN(Strategy):
             if residual_range is None:
                 residual_range = backend.channel_stats(residual, layout, with_range=True)[2:]
             rmin, rmax = (host(v) for v in residual_range)
-            rabs = np.maximum(np.abs(rmin), np.abs(rmax))
-        c = first_lossy_channel(gamma, beta, beta if residual is None else np.ravel(rabs).astype(np.float64),
-                                residual is not None, budget)
+            rabs = np.ascontiguousarray(np.maximum(np.abs(rmin), np.abs(rmax)), np.float64).ravel()
+        c = first_lossy_channel(gamma, beta, beta if residual is None else rabs, residual is not None, budget)
         if c >= 0:
-            what = f"beta={beta[c]:.3g}" + ("" if residual is None else f", max|residual|={np.ravel(rabs)[c]:.3g}")
+            what = f"beta={beta[c]:.3g}" + ("" if residual is None else f", max|residual|={rabs[c]:.3g}")
             return (f"channel {c} has gamma={gamma[c]:.3g}, {what}; dgamma = S / gamma would lose more "
                     f"than {self.MAX_LOST_BITS} bits")
         if act.name in ("elu", "celu", "selu"):

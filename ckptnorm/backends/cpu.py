@@ -21,25 +21,20 @@ from .base import LAYOUTS, Backend
 _LOADED = {}
 
 
-def _table(name, layout):
+def _table(name, layout=None):
     """``name``: "linear" (branch-free kernels of the piecewise-linear activations), "tiled" (every other
-    activation) or "stats" (per-channel statistics)."""
+    activation), "stats" (per-channel statistics), or "running_update" (no layout: the buffers are 1-D)."""
     found = _LOADED.get((name, layout))
     if found is None:
         if name == "linear":
             from .cpu_kernels_linear import KERNELS as tables
         else:
-            from .cpu_kernels import KERNELS, STATS
-            tables = STATS if name == "stats" else KERNELS
+            from . import cpu_kernels
+            if name == "running_update":
+                found = _LOADED[name, layout] = cpu_kernels.running_update
+                return found
+            tables = cpu_kernels.STATS if name == "stats" else cpu_kernels.KERNELS
         found = _LOADED[name, layout] = tables[_checked(layout)]
-    return found
-
-
-def _running_update():
-    found = _LOADED.get("running_update")
-    if found is None:
-        from .cpu_kernels import running_update as found
-        _LOADED["running_update"] = found
     return found
 
 
@@ -105,4 +100,4 @@ class CPUBackend(Backend):
             _per_channel(coef_dy), _per_channel(coef_u), _per_channel(coef_const), residual, dres)
 
     def update_running_stats(self, running_mean, running_var, mean, var, count, factor):
-        _running_update()(running_mean, running_var, _per_channel(mean), _per_channel(var), count, float(factor))
+        _table("running_update")(running_mean, running_var, _per_channel(mean), _per_channel(var), count, float(factor))

@@ -32,9 +32,10 @@ growth during one step (on CUDA exact: ``torch.cuda.max_memory_allocated`` minus
 approximate: the process's resident set size from ``/proc/self/statm``, sampled during the step after returning
 freed heap memory to the OS, minus its value before; ``None`` where ``/proc`` is missing); the median step time and
 its ratio to ``standard`` measured in the same run (the eager rows' steps in turn, one step of each row per round,
-so that a shared machine's noise spreads over all of them; a compiled row's steps alone, under its settings); the normwise relative error of the whole gradient against the
-float64 truth, the model as given run in float64 on the same inputs (``||g - g64|| / ||g64||``, all parameters as
-one vector; so ``original`` shows PyTorch's own float32 error beside ours).  A model that does not run in float64
+so that a shared machine's noise spreads over all of them; a compiled row's steps alone, under its settings); the
+normwise relative error of the whole gradient against the float64 truth, the model as given run in float64 on the
+same inputs (``||g - g64|| / ||g64||``, all parameters as one vector; so ``original`` shows PyTorch's own float32
+error beside ours).  A model that does not run in float64
 is compared with ``standard``'s gradient instead (``meta["grad_reference"]`` says which).  The step whose gradient is
 compared runs under ``torch.manual_seed(0)`` in every row and in the truth, so that dropout draws the same masks
 where PyTorch draws them the same way; the caller's RNG state is left as it was.

@@ -350,10 +350,10 @@ def discover(model: nn.Module, example_inputs=None):
     if failed:
         names = list(failed)[:3]
         where = "; ".join(f"{failed[n][1]}" for n in names)
-        warn_at_caller(f"ckptnorm: torch.fx tracing of {', '.join(names)} failed ({where}), so what happens there to "
-                      f"the outputs of the sites below it (e.g. {failed[names[0]][0]}) is unknown: they are never "
-                      "given a strategy that keeps their output; tip: make that forward traceable (no "
-                      "data-dependent control flow), see ckptnorm_report", SiteDiscoveryWarning)
+        warn_at_caller(f"ckptnorm: torch.fx tracing of {', '.join(names)} failed ({where}), so what happens there "
+                       f"to the outputs of the sites below it (e.g. {failed[names[0]][0]}) is unknown: they are never "
+                       "given a strategy that keeps their output; tip: make that forward traceable (no "
+                       "data-dependent control flow), see ckptnorm_report", SiteDiscoveryWarning)
     return pieces, sites
 
 
